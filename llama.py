@@ -1,0 +1,704 @@
+"""
+llama.py: a single-file Llama that reads and writes Hugging Face checkpoints directly.
+
+Inside, top to bottom:
+  1. LlamaConfig   - a dataclass filled from config.json; unsupported fields are refused.
+  2. The model     - RMSNorm, rotary embeddings (rotate-half, llama3 scaling), grouped-query
+                     attention, SwiGLU FFN with a swappable down projection, tied/untied head.
+  3. Checkpoints   - strict safetensors loading (single file or shards + index) into a model
+                     built on the meta device; atomic sharded saving.
+  4. Tokenizers    - SentencePiece (tokenizer.model) and byte-level BPE (tokenizer.json).
+  5. Generation    - KV cache, greedy / temperature / top-k sampling, batched prompts.
+  6. CLI           - python llama.py --ckpt DIR --prompt "The capital of France is"
+
+The architecture is Touvron et al. 2023, "Llama 2: Open Foundation and Fine-Tuned Chat Models";
+module names equal the checkpoint's tensor names (model.layers.3.mlp.down_proj.weight, ...), so
+the weight map is one-to-one. Editors (scen.py, nse.py) read the FFN down-projection input and
+swap the down projection module itself; nothing here disables gradients except generate().
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class CheckpointError(ValueError):
+    """A checkpoint, config or tokenizer that cannot be used as is; the message names the culprit."""
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Config
+
+@dataclass
+class LlamaConfig:
+    hidden_size: int = 64
+    intermediate_size: int = 172
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int | None = None   # None -> num_attention_heads (no GQA)
+    head_dim: int | None = None              # None -> hidden_size // num_attention_heads
+    vocab_size: int = 256
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    bos_token_id: int | None = 1
+    eos_token_id: list[int] = field(default_factory=lambda: [2])
+    pad_token_id: int | None = None
+    torch_dtype: str = "float32"             # the dtype the weights are stored in
+
+    # config.json keys that we accept and ignore because they do not change the computation
+    _IGNORED = {"architectures", "model_type", "hidden_act", "attention_bias", "mlp_bias",
+                "attention_dropout", "initializer_range", "pretraining_tp", "use_cache",
+                "transformers_version", "sliding_window", "_name_or_path", "torch_dtype",
+                "dtype", "rope_type", "output_hidden_states", "output_attentions", "return_dict",
+                "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id",
+                "problem_type", "tokenizer_class", "rope_parameters"}
+
+    def __post_init__(self):
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if isinstance(self.eos_token_id, int):
+            self.eos_token_id = [self.eos_token_id]
+        self.eos_token_id = list(self.eos_token_id or [])
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise CheckpointError(f"num_attention_heads {self.num_attention_heads} is not a multiple "
+                                  f"of num_key_value_heads {self.num_key_value_heads}")
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config.json") -> "LlamaConfig":
+        """Fill the config from a Hugging Face Llama config.json; refuse what we do not implement."""
+        def refuse(key, why):
+            raise CheckpointError(f"{source}: unsupported field {key}={d[key]!r} ({why})")
+        if d.get("model_type", "llama") != "llama":
+            refuse("model_type", "only llama is implemented")
+        if d.get("hidden_act", "silu") != "silu":
+            refuse("hidden_act", "only silu (SwiGLU) is implemented")
+        for key in ("attention_bias", "mlp_bias"):
+            if d.get(key):
+                refuse(key, "Llama has no biases")
+        if d.get("sliding_window") is not None:
+            refuse("sliding_window", "sliding-window attention is not implemented")
+        if d.get("pretraining_tp", 1) != 1:
+            refuse("pretraining_tp", "only 1 is implemented")
+        if d.get("rope_parameters"):   # transformers >= 5 writes theta and scaling in one dict
+            rp = dict(d["rope_parameters"])
+            d = {**d, "rope_theta": rp.pop("rope_theta", d.get("rope_theta", 10000.0)),
+                 "rope_scaling": None if rp.get("rope_type", "default") == "default" else rp}
+        rs = d.get("rope_scaling")
+        if rs is not None:
+            kind = rs.get("rope_type", rs.get("type"))
+            if kind not in ("default", "linear", "llama3"):
+                refuse("rope_scaling", "only null, linear and llama3 are implemented")
+        known = {f for f in cls.__dataclass_fields__ if not f.startswith("_")}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs["torch_dtype"] = d.get("torch_dtype") or d.get("dtype") or "float32"
+        unknown = set(d) - known - cls._IGNORED - {"bos_token_id", "eos_token_id", "pad_token_id"}
+        for key in sorted(unknown):   # e.g. "rope_parameters", "layer_types", "attn_logit_softcapping"
+            if d[key] not in (None, False, 0, [], {}):
+                refuse(key, "not a field of the Llama architecture")
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+            if not isinstance(d.get(key), int) or d[key] <= 0:
+                raise CheckpointError(f"{source}: field {key} must be a positive integer, got {d.get(key)!r}")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_file(cls, path) -> "LlamaConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: config.json not found")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+        return cls.from_dict(d, source=str(path))
+
+    def to_dict(self) -> dict:
+        """The Hugging Face config.json layout, so any Llama tool can load what we save."""
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if not k.startswith("_")}
+        d["eos_token_id"] = self.eos_token_id[0] if len(self.eos_token_id) == 1 else self.eos_token_id
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+                "attention_bias": False, "mlp_bias": False, **d}
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The model
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * w, computed in float32 as the reference does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_frequencies(cfg: LlamaConfig, device=None) -> torch.Tensor:
+    """theta_i = base^(-2i/d) for i < d/2, with the optional linear or llama3 frequency scaling."""
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim)
+    rs = cfg.rope_scaling or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / rs["factor"]
+    elif kind == "llama3":
+        # long wavelengths are slowed by `factor`, short ones kept, the band between interpolated
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old_ctx = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(cfg: LlamaConfig, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of position * theta for each (row, position): (B, T, head_dim) each."""
+    inv_freq = rope_frequencies(cfg, positions.device)
+    angles = positions[..., None].float() * inv_freq          # (B, T, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)              # (B, T, head_dim): rotate-half layout
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x_i, x_{i+d/2}) by the position angle: the convention HF Llama weights expect."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]          # cos/sin broadcast over heads
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)   # (B, n_heads, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)      # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:                  # write this step's keys/values, read all so far
+            k_all, v_all, start = kv_cache
+            k_all[:, :, start:start + T] = k
+            v_all[:, :, start:start + T] = v
+            k, v = k_all[:, :, :start + T], v_all[:, :, :start + T]            # (B, n_kv, S, hd)
+        # softmax(q k^T / sqrt(hd) + mask) v, each group of n_heads/n_kv query heads sharing a kv head
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down( silu(gate(x)) * up(x) ). down_proj is a plain module: editors swap it."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def intermediate(self, x):
+        """u = silu(W_gate x) * (W_up x): the down projection's input, the 'keys' of NSE/SCEN."""
+        return F.silu(self.gate_proj(x)) * self.up_proj(x)
+
+    def forward(self, x, trace=None):
+        u = self.intermediate(x)
+        if trace is not None:
+            trace.ffn_in.append(u)
+        return self.down_proj(u)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h, cos, sin, mask, kv_cache=None, trace=None):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, kv_cache)
+        return h + self.mlp(self.post_attention_layernorm(h), trace)
+
+
+@dataclass
+class Trace:
+    """Intermediate values of one forward pass (gradients flow through them unless disabled)."""
+    hidden: list = field(default_factory=list)   # [embeddings, output of block 0, ..., block L-1]
+    ffn_in: list = field(default_factory=list)   # [down_proj input of layer 0, ..., layer L-1]
+    logits: torch.Tensor | None = None
+
+
+class KVCache:
+    """Preallocated keys/values of every layer; `length` slots are filled, shared by all rows."""
+
+    def __init__(self, cfg: LlamaConfig, batch: int, max_len: int, device=None, dtype=None):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # slot holds a token
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)          # next rope position
+        self.length = 0
+
+
+class _Body(nn.Module):
+    """Holds the tensors named model.* in the checkpoint."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        with torch.device(device or "cpu"):
+            self.model = _Body(config)
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if dtype is not None:
+            self.to(dtype)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def reset_parameters(self, std: float = 0.02, generator: torch.Generator | None = None):
+        """Fresh weights for training from scratch: N(0, std) matrices, unit norms."""
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, std, generator=generator)
+        return self
+
+    # -- the forward pass in pieces, so editors can run part of the network -------------------
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(tokens)                                  # (B, T, D)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(h))                                 # (B, T, V)
+
+    def _mask_and_positions(self, B, T, device, attention_mask, positions, cache):
+        """Boolean attention mask (B, 1, T, S) and rope positions (B, T) for T new tokens.
+
+        Query t may attend key s when s is a real token (not padding) and s is not in its future.
+        Each query also attends to itself, so a padding row stays finite (no all-masked softmax).
+        Positions count real tokens only, so left and right padding give the same results.
+        """
+        am = (torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None
+              else attention_mask.to(device=device, dtype=torch.bool))
+        start = 0 if cache is None else cache.length
+        if positions is None:
+            base = 0 if cache is None else cache.next_pos[:, None]
+            positions = base + (am.long().cumsum(-1) - 1).clamp(min=0)
+        if cache is None:
+            keys = am
+        else:
+            cache.key_mask[:, start:start + T] = am
+            cache.next_pos = positions[:, -1] + 1
+            keys = cache.key_mask[:, :start + T]
+        S = keys.shape[1]
+        q_slot = torch.arange(start, start + T, device=device)[:, None]        # (T, 1)
+        k_slot = torch.arange(S, device=device)[None, :]                        # (1, S)
+        mask = (k_slot <= q_slot)[None] & keys[:, None, :]                      # (B, T, S)
+        mask = mask | (k_slot == q_slot)[None]
+        return mask[:, None], positions                                         # (B, 1, T, S)
+
+    def run_layers(self, h, start: int, end: int, attention_mask=None, positions=None,
+                   cache: KVCache | None = None, trace: Trace | None = None):
+        """Run blocks start..end-1 on hidden states h (B, T, D)."""
+        B, T, _ = h.shape
+        mask, positions = self._mask_and_positions(B, T, h.device, attention_mask, positions, cache)
+        cos, sin = rope_cos_sin(self.config, positions, h.dtype)
+        for i in range(start, end):
+            kv = None if cache is None else (cache.k[i], cache.v[i], cache.length)
+            h = self.layers[i](h, cos, sin, mask, kv, trace)
+            if trace is not None:
+                trace.hidden.append(h)
+        if cache is not None and end == self.config.num_hidden_layers:
+            cache.length += T
+        return h
+
+    def forward(self, tokens, attention_mask=None, positions=None, cache: KVCache | None = None):
+        """tokens (B, T) -> logits (B, T, V)."""
+        h = self.embed(tokens)
+        return self.head(self.run_layers(h, 0, self.config.num_hidden_layers, attention_mask, positions, cache))
+
+    def forward_trace(self, tokens, attention_mask=None, positions=None) -> Trace:
+        """Like forward, also returning every block's output and every down projection's input."""
+        trace = Trace()
+        h = self.embed(tokens)
+        trace.hidden.append(h)
+        h = self.run_layers(h, 0, self.config.num_hidden_layers, attention_mask, positions, trace=trace)
+        trace.logits = self.head(h)
+        return trace
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, ckpt_dir, device="cpu", dtype=torch.float32) -> "Llama":
+        return load_checkpoint(ckpt_dir, device=device, dtype=dtype)
+
+    def save_pretrained(self, out_dir, tokenizer_dir=None, dtype=None, max_shard_bytes: int = 2 << 30):
+        save_checkpoint(self, out_dir, tokenizer_dir=tokenizer_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Checkpoints: safetensors in, safetensors out
+
+# safetensors dtype names <-> torch dtypes
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+              "U8": torch.uint8, "BOOL": torch.bool}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_safetensors_header(path) -> tuple[dict, int]:
+    """Parse a .safetensors header: {name: {dtype, shape, data_offsets}} and where the data starts.
+
+    Format: 8-byte little-endian header length N, N bytes of JSON, then the raw tensor bytes.
+    Every entry is checked against the file size, so a truncated file is caught before reading.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        n = struct.unpack("<Q", raw)[0]
+        if n > size - 8 or n > 100 << 20:
+            raise CheckpointError(f"{path}: corrupt safetensors header (length {n}, file {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: corrupt safetensors header (invalid JSON)") from None
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    for name, info in header.items():
+        if info.get("dtype") not in _ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
+        begin, end = info["data_offsets"]
+        nbytes = math.prod(info["shape"]) * _ST_DTYPES[info["dtype"]].itemsize
+        if end - begin != nbytes:
+            raise CheckpointError(f"{path}: tensor {name} has {end - begin} bytes for shape {info['shape']}")
+        if data_start + end > size:
+            raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {data_start + end}, "
+                                  f"file has {size}")
+    return header, data_start
+
+
+def read_tensor(f, info: dict, data_start: int, staging: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor with a plain read (no mmap, so peak memory stays near one copy).
+
+    With a `staging` byte buffer the bytes land there (a view is returned, valid until the next
+    read): converting from it to the compute dtype then costs no fresh allocation per tensor.
+    """
+    dtype = _ST_DTYPES[info["dtype"]]
+    nbytes = info["data_offsets"][1] - info["data_offsets"][0]
+    raw = torch.empty(nbytes, dtype=torch.uint8) if staging is None else staging[:nbytes]
+    f.seek(data_start + info["data_offsets"][0])
+    if nbytes and f.readinto(memoryview(raw.numpy())) != nbytes:
+        raise CheckpointError(f"{f.name}: truncated while reading tensor")
+    return raw.view(dtype).view(info["shape"])
+
+
+def checkpoint_files(ckpt_dir) -> list[Path]:
+    """model.safetensors, or the shards listed in model.safetensors.index.json."""
+    ckpt_dir = Path(ckpt_dir)
+    index = ckpt_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: invalid index ({e!r})") from None
+        files = [ckpt_dir / name for name in dict.fromkeys(weight_map.values())]
+    elif (ckpt_dir / "model.safetensors").is_file():
+        files = [ckpt_dir / "model.safetensors"]
+    else:
+        if any(ckpt_dir.glob("*.bin")) or any(ckpt_dir.glob("*.pth")):
+            raise CheckpointError(f"{ckpt_dir}: only pickle weights (*.bin/*.pth) found; this project reads "
+                                  f"safetensors only (never pickle): convert the checkpoint first")
+        raise CheckpointError(f"{ckpt_dir}: no model.safetensors or model.safetensors.index.json")
+    for path in files:
+        if not path.is_file():
+            raise CheckpointError(f"{path}: shard listed in the index is missing")
+    return files
+
+
+def load_checkpoint(ckpt_dir, device="cpu", dtype=torch.float32) -> Llama:
+    """Build the model on the meta device, then assign every checkpoint tensor to its parameter.
+
+    Strict: every tensor of the checkpoint must be a parameter of the model and every parameter
+    must be in the checkpoint, with the same shape; a violation is an error naming the tensor.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"{ckpt_dir}: checkpoint folder not found")
+    cfg = LlamaConfig.from_file(ckpt_dir / "config.json")
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    model = Llama(cfg, device="meta")
+    params = dict(model.named_parameters())           # tied lm_head appears once, as embed_tokens
+    shards = [(path, *read_safetensors_header(path)) for path in checkpoint_files(ckpt_dir)]
+    where = {}                                        # check all headers before reading any data
+    for path, header, _ in shards:
+        for name, info in header.items():
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue                              # a redundant copy of a tied head is allowed
+            if name not in params:
+                raise CheckpointError(f"{path}: unknown tensor {name} (not a parameter of this Llama config)")
+            if list(info["shape"]) != list(params[name].shape):
+                raise CheckpointError(f"{path}: tensor {name} has shape {info['shape']}, "
+                                      f"config needs {list(params[name].shape)}")
+            where[name] = path
+    missing = [n for n in params if n not in where]
+    if missing:
+        raise CheckpointError(f"{ckpt_dir}: tensor {missing[0]} is missing from the checkpoint "
+                              f"({len(missing)} missing in all)")
+    biggest = max(i["data_offsets"][1] - i["data_offsets"][0] for _, h, _ in shards for i in h.values())
+    staging = torch.empty(biggest, dtype=torch.uint8)   # one reusable read buffer
+    for path, header, data_start in shards:
+        with open(path, "rb") as f:
+            for name, info in header.items():
+                if where.get(name) != path:
+                    continue
+                raw = read_tensor(f, info, data_start, staging)
+                t = torch.empty(raw.shape, dtype=dtype, device=device)
+                t.copy_(raw)                          # convert to the compute dtype on the way in
+                module_name, _, pname = name.rpartition(".")
+                model.get_submodule(module_name)._parameters[pname] = nn.Parameter(t)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def _atomic_write(path: Path, write_fn):
+    """Write to a temp file in the same folder, then rename over the target (never half a file)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    path = Path(path)
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "generation_config.json")
+
+
+def save_checkpoint(model: Llama, out_dir, tokenizer_dir=None, dtype=None, max_shard_bytes: int = 2 << 30):
+    """config.json + model.safetensors (or shards + index above max_shard_bytes) + tokenizer files.
+
+    Each file is written atomically; the index is written after its shards, and shards of an
+    earlier save that the new index does not name are removed last.
+    """
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    tensors = {}
+    for name, p in model.named_parameters():         # tied lm_head is saved once, as embed_tokens
+        t = p.detach()
+        tensors[name] = (t.to(dtype) if dtype is not None else t).to("cpu").contiguous()
+    groups, size = [[]], 0                            # greedy split into shards in parameter order
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    names = (["model.safetensors"] if len(groups) == 1 else
+             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    for fname, group in zip(names, groups):
+        _atomic_write(out_dir / fname, lambda tmp, g=group: save_file({n: tensors[n] for n in g}, tmp,
+                                                                       metadata={"format": "pt"}))
+    index = out_dir / "model.safetensors.index.json"
+    if len(groups) > 1:
+        write_json(index, {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                           "weight_map": {n: f for f, g in zip(names, groups) for n in g}})
+    elif index.exists():
+        index.unlink()
+    cfg = model.config.to_dict()
+    cfg["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    write_json(out_dir / "config.json", cfg)
+    for old in out_dir.glob("model*.safetensors"):
+        if old.name not in names:
+            old.unlink()
+    if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != out_dir.resolve():
+        for fname in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / fname
+            if src.is_file():
+                _atomic_write(out_dir / fname, lambda tmp, s=src: Path(tmp).write_bytes(s.read_bytes()))
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Tokenizers
+
+# TOKENIZERS-GO-HERE
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Generation
+
+def _sample(logits, temperature: float, top_k: int | None, generator):
+    """Greedy argmax at temperature 0; else softmax(logits / T) restricted to the top k."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int = 0, side: str = "left", device=None):
+    """tokens (B, T) and attention_mask (B, T) for sequences of different lengths."""
+    if side not in ("left", "right"):
+        raise ValueError(f"pad side must be 'left' or 'right', got {side!r}")
+    T = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        tokens[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return tokens.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int | None = None, eos_ids=None, pad_id: int = 0, tokenizer=None, stop_strings=None,
+             generator: torch.Generator | None = None, pad_side: str = "left") -> list[list[int]]:
+    """Continue each prompt with a KV cache; returns the new ids of each, without the EOS token.
+
+    A row stops at an EOS id, or (with a tokenizer) once its decoded continuation contains one of
+    stop_strings: its ids then end with the token that completed the stop string (generate_text
+    cuts the text at the stop string itself).
+    """
+    cfg = model.config
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: every prompt needs at least one token")
+    for p in prompts:
+        if len(p) + max_new_tokens > cfg.max_position_embeddings:
+            raise ValueError(f"prompt of {len(p)} tokens + {max_new_tokens} new tokens is longer than "
+                             f"max_position_embeddings={cfg.max_position_embeddings}")
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to decode the continuation")
+    eos = set(cfg.eos_token_id if eos_ids is None else eos_ids)
+    device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+    tokens, mask = pad_batch(prompts, pad_id, pad_side, device)
+    B, T = tokens.shape
+    cache = KVCache(cfg, B, T + max_new_tokens, device, dtype)
+    logits = model(tokens, attention_mask=mask, cache=cache)
+    last = mask.sum(-1) - 1 if pad_side == "right" else torch.full((B,), T - 1, device=device)
+    logits = logits[torch.arange(B, device=device), last]                       # (B, V)
+    out = [[] for _ in range(B)]
+    done = [False] * B
+    for _ in range(max_new_tokens):
+        nxt = _sample(logits, temperature, top_k, generator)                     # (B,)
+        for i, t in enumerate(nxt.tolist()):
+            if done[i]:
+                continue
+            if t in eos:
+                done[i] = True
+                continue
+            out[i].append(t)
+            if stop_strings:
+                tail = tokenizer.decode(out[i][-16:])
+                done[i] = any(s in tail for s in stop_strings)
+        if all(done):
+            break
+        step_mask = torch.tensor([0 if d else 1 for d in done], device=device)[:, None]
+        logits = model(nxt[:, None], attention_mask=step_mask, cache=cache)[:, -1]
+    return out
+
+
+def generate_text(model: Llama, tokenizer, prompts: list[str], max_new_tokens: int, *, stop_strings=None,
+                  **kwargs) -> list[str]:
+    """Text in, text out: encode (with the tokenizer's BOS convention), generate, decode, cut at a stop string."""
+    ids = [tokenizer.encode(p) for p in prompts]
+    outs = generate(model, ids, max_new_tokens, tokenizer=tokenizer, stop_strings=stop_strings,
+                    pad_id=tokenizer.pad_id or 0, **kwargs)
+    texts = [tokenizer.decode(o, skip_special=True) for o in outs]
+    for s in stop_strings or []:
+        texts = [t.split(s)[0] for t in texts]
+    return texts
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. CLI
+
+def default_dtype(device: str) -> torch.dtype:
+    """float32 on CPU (bf16 matmuls are hundreds of times slower there), bfloat16 on an accelerator."""
+    return torch.float32 if str(device).startswith("cpu") else torch.bfloat16
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Continue a prompt with a Llama checkpoint (Hugging Face layout).")
+    ap.add_argument("--ckpt", required=True, help="folder with config.json, *.safetensors and a tokenizer")
+    ap.add_argument("--prompt", required=True, help="text to continue")
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="number of tokens to generate")
+    ap.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    ap.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="compute dtype (auto: fp32 on cpu)")
+    args = ap.parse_args(argv)
+    if not args.prompt.strip():
+        ap.error("--prompt is empty")
+    dtype = default_dtype(args.device) if args.dtype == "auto" else DTYPES[args.dtype]
+    try:
+        tok = load_tokenizer(args.ckpt)
+        model = Llama.from_pretrained(args.ckpt, device=args.device, dtype=dtype)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}")
+    text = format_chat(tok, args.prompt) if args.chat else args.prompt
+    stop = [tok.id_to_piece(i) for i in [tok.eos_id] if i is not None and args.chat]
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    try:
+        out = generate_text(model, tok, [text], args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, generator=gen, stop_strings=stop or None)[0]
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    print(out if args.chat else args.prompt + out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Shared test fixtures: tiny random Llamas, and the optional ../shared material (skipped when absent)."""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+
+import llama  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_config(**overrides) -> "llama.LlamaConfig":
+    """A 2-layer GQA Llama small enough for a test (vocab 97 so ids are easy to eyeball)."""
+    kw = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=97, max_position_embeddings=64, rope_theta=10000.0,
+              bos_token_id=1, eos_token_id=[2])
+    kw.update(overrides)
+    return llama.LlamaConfig(**kw)
+
+
+def tiny_model(seed=0, **overrides) -> "llama.Llama":
+    torch.manual_seed(seed)
+    return llama.Llama(tiny_config(**overrides)).reset_parameters(std=0.2)
+
+
+def shared_path(*parts) -> Path:
+    """A path under ../shared, or skip the test when the material is not there (a user's clone)."""
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"{p} not available")
+    return p
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct in the Hugging Face layout, converted from ../shared's GGUF (needs `gguf`)."""
+    tool = shared_path("tools", "smollm2_from_gguf.py")
+    shared_path("models", "smollm2-135m-instruct")
+    if importlib.util.find_spec("gguf") is None:
+        pytest.skip("gguf not installed (pip install gguf) to convert SmolLM2")
+    out = tmp_path_factory.mktemp("smollm2")
+    subprocess.run([sys.executable, str(tool), str(out)], check=True, capture_output=True)
+    return out
