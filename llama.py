@@ -184,14 +184,22 @@ def apply_rope(x, cos, sin):
     return x * cos[:, None] + rotated * sin[:, None]          # cos/sin broadcast over heads
 
 
+class Linear(nn.Linear):
+    """y = x W^T. The weight may be stored in a narrower dtype than x (bf16 weights, fp32 compute on a
+    CPU): it is then widened on the fly, one matrix at a time, so memory holds one narrow copy."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.hd, bias=False)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.o_proj = Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, kv_cache=None):
         B, T, _ = x.shape
@@ -214,9 +222,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def intermediate(self, x):
         """u = silu(W_gate x) * (W_up x): the down projection's input, the 'keys' of NSE/SCEN."""
@@ -273,12 +281,13 @@ class _Body(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, config: LlamaConfig, device=None, dtype=None):
+    def __init__(self, config: LlamaConfig, device=None, dtype=None, compute_dtype=None):
         super().__init__()
         self.config = config
+        self.compute_dtype = compute_dtype   # None: compute in the weights' dtype
         with torch.device(device or "cpu"):
             self.model = _Body(config)
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         if dtype is not None:
@@ -301,7 +310,17 @@ class Llama(nn.Module):
     # -- the forward pass in pieces, so editors can run part of the network -------------------
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(tokens)                                  # (B, T, D)
+        h = self.model.embed_tokens(tokens)                                     # (B, T, D)
+        return h if self.compute_dtype is None else h.to(self.compute_dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype activations are computed in."""
+        return self.compute_dtype or self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(h))                                 # (B, T, V)
@@ -364,8 +383,12 @@ class Llama(nn.Module):
     # -- checkpoints ---------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, ckpt_dir, device="cpu", dtype=torch.float32) -> "Llama":
-        return load_checkpoint(ckpt_dir, device=device, dtype=dtype)
+    def from_pretrained(cls, ckpt_dir, device="cpu", dtype=torch.float32, compute_dtype=None) -> "Llama":
+        """dtype: how the weights are held; compute_dtype: how activations are computed (None: same).
+        bf16 weights with fp32 compute fit Llama-2-7B in 14 GB and run at fp32 matmul speed on a CPU."""
+        model = load_checkpoint(ckpt_dir, device=device, dtype=dtype)
+        model.compute_dtype = DTYPES.get(compute_dtype, compute_dtype)
+        return model
 
     def save_pretrained(self, out_dir, tokenizer_dir=None, dtype=None, max_shard_bytes: int = 2 << 30):
         save_checkpoint(self, out_dir, tokenizer_dir=tokenizer_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
@@ -621,7 +644,7 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, *, tem
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the continuation")
     eos = set(cfg.eos_token_id if eos_ids is None else eos_ids)
-    device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+    device, dtype = model.device, model.dtype
     tokens, mask = pad_batch(prompts, pad_id, pad_side, device)
     B, T = tokens.shape
     cache = KVCache(cfg, B, T + max_new_tokens, device, dtype)

@@ -282,3 +282,14 @@ def test_smollm2_logits_match_transformers(smollm2_dir):
     x = torch.tensor([[504, 3575, 282, 4649, 314, 7042, 30, 198, 504, 2988, 314]])
     with torch.no_grad():
         assert (ref(x).logits - model(x)).abs().max() < 1e-4
+
+
+def test_bf16_weights_with_fp32_compute_equal_fp32_model_of_rounded_weights(tmp_path):
+    model = tiny_model(seed=8)
+    model.save_pretrained(tmp_path, dtype="bfloat16")
+    narrow = llama.Llama.from_pretrained(tmp_path, dtype=torch.bfloat16, compute_dtype=torch.float32)
+    wide = llama.Llama.from_pretrained(tmp_path, dtype=torch.float32)
+    assert narrow.lm_head.weight.dtype == torch.bfloat16 and narrow.dtype == torch.float32
+    x = torch.randint(0, 97, (2, 6))
+    assert torch.allclose(narrow(x), wide(x), atol=1e-5)
+    assert llama.generate(narrow, [[1, 2, 3]], 5, eos_ids=[]) == llama.generate(wide, [[1, 2, 3]], 5, eos_ids=[])
