@@ -22,8 +22,10 @@ import argparse
 import json
 import math
 import os
+import re
 import struct
 import tempfile
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -592,7 +594,304 @@ def save_checkpoint(model: Llama, out_dir, tokenizer_dir=None, dtype=None, max_s
 # ----------------------------------------------------------------------------------------------
 # 4. Tokenizers
 
-# TOKENIZERS-GO-HERE
+INF = float("inf")
+# GPT-2's pre-tokenizer regex (the default of a ByteLevel pre-tokenizer with use_regex=true):
+# contractions, letter runs, number runs, punctuation runs (each with an optional leading
+# space), then whitespace. \p{L} / \p{N} need the `regex` package (stdlib `re` lacks them).
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+
+def bytes_to_unicode():
+    """GPT-2's reversible byte -> printable char map used by byte-level BPE: printable Latin-1
+    bytes stand for themselves, the others (controls, space, ...) become chr(256 + n) in order,
+    so a space is 'Ġ' (U+0120) and a newline 'Ċ' (U+010A) inside vocab strings."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b], n = chr(256 + n), n + 1
+    return out
+
+
+class Tokenizer:
+    """Common interface. Subclasses encode/decode ordinary text; this class splits special
+    (added) token strings such as "<|im_start|>" or "<s>" out of the text first and handles
+    BOS/EOS. Settings from tokenizer_config.json are applied by load_tokenizer."""
+    vocab_size: int = 0
+    bos_id = eos_id = pad_id = None
+    add_bos = add_eos = False
+    chat_format = "none"       # "llama2" | "chatml" | "llama3" | "none"
+    default_system = None     # system prompt the chat template uses when none is given
+
+    def _set_added(self, added):
+        """added: list of (content, id, special, lstrip, rstrip). They are found with one regex
+        alternation, longest first so that the leftmost-longest token wins (plain literals, so
+        `re` can skip ahead fast; lstrip/rstrip tokens also eat the whitespace beside them)."""
+        added = sorted(added, key=lambda a: -len(a[0]))
+        self._added_by_id = {a[1]: a[0] for a in added}
+        self._added_by_content = {a[0]: a[1] for a in added}
+        self.special_ids = {a[1] for a in added if a[2]}
+        alts = [(r"\s*" if a[3] else "") + re.escape(a[0]) + (r"\s*" if a[4] else "") for a in added]
+        self._added_re = re.compile("|".join(alts)) if alts else None
+
+    def _added_id(self, s):
+        """id of a matched added token; s may carry the whitespace an lstrip/rstrip token ate."""
+        for c in (s, s.lstrip(), s.rstrip(), s.strip()):
+            if c in self._added_by_content:
+                return self._added_by_content[c]
+
+    def encode(self, text, bos=None, eos=None):
+        """text -> token ids. bos/eos None -> the tokenizer's add_bos/add_eos."""
+        ids = []
+        if self.add_bos if bos is None else bos:
+            ids.append(self._need(self.bos_id, "BOS"))
+        pos = 0
+        for m in self._added_re.finditer(text) if self._added_re else ():
+            ids += self._encode_ordinary(text[pos:m.start()])
+            ids.append(self._added_id(m.group()))
+            pos = m.end()
+        ids += self._encode_ordinary(text[pos:])
+        if self.add_eos if eos is None else eos:
+            ids.append(self._need(self.eos_id, "EOS"))
+        return ids
+
+    def decode(self, ids, skip_special=False):
+        """ids -> text; added tokens decode to their string (special ones dropped if skip_special)."""
+        out, run = [], []
+        for i in ids:
+            if i in self._added_by_id:
+                out.append(self._decode_ordinary(run))
+                run = []
+                if not (skip_special and i in self.special_ids):
+                    out.append(self._added_by_id[i])
+            else:
+                run.append(i)
+        out.append(self._decode_ordinary(run))
+        return "".join(out)
+
+    def _need(self, i, what):
+        if i is None:
+            raise ValueError(f"this tokenizer has no {what} token")
+        return i
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """tokenizer.model through the sentencepiece library, with Hugging Face's (legacy)
+    LlamaTokenizer conventions: control pieces ("<s>", "</s>") and "<unk>" written in the text
+    map to their ids, each stretch of text between them is encoded by SentencePiece on its own
+    (so each gets SentencePiece's dummy-prefix space), BOS is added by default."""
+    def __init__(self, path):
+        import sentencepiece
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self.vocab_size = n = self.sp.get_piece_size()
+        sp_id = lambda i: i if 0 <= i < n else None  # sentencepiece says -1 for "none"
+        self.bos_id, self.eos_id, self.pad_id = sp_id(self.sp.bos_id()), sp_id(self.sp.eos_id()), sp_id(self.sp.pad_id())
+        self.add_bos = self.bos_id is not None
+        self._set_added([(self.sp.id_to_piece(i), i, True, False, False) for i in range(n)
+                         if self.sp.is_control(i) or self.sp.is_unknown(i)])
+
+    def _encode_ordinary(self, text):
+        return self.sp.encode(text)
+
+    def _decode_ordinary(self, ids):
+        return self.sp.decode(ids)
+
+    def id_to_piece(self, i):
+        return self.sp.id_to_piece(i)
+
+    def token_to_id(self, s):
+        i = self.sp.piece_to_id(s)
+        return i if self.sp.id_to_piece(i) == s else None
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE from a Hugging Face tokenizer.json. Encoding: split out added tokens,
+    normalize (none or a Unicode form), pre-tokenize (regex splits), map every byte of each
+    pre-token to its printable char, then apply the merges to each pre-token, always merging
+    the adjacent pair that comes first in the merge list, until no listed pair is left."""
+    def __init__(self, path):
+        import regex
+        path = Path(path)
+        d = json.loads(path.read_text(encoding="utf-8"))
+        def refuse(field, value):
+            raise CheckpointError(f"{path}: unsupported {field} {json.dumps(value)[:200]}")
+        model = d.get("model") or {}
+        if model.get("type") != "BPE":
+            refuse("model.type", model.get("type"))
+        for field, ok in [("dropout", (None, 0, 0.0)), ("continuing_subword_prefix", (None, "")),
+                          ("end_of_word_suffix", (None, "")), ("byte_fallback", (None, False)), ("fuse_unk", (None, False))]:
+            if model.get(field) not in ok:
+                refuse(f"model.{field}", model.get(field))
+        self.vocab = model["vocab"]                                    # token string -> id
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        self.ranks = {pair: r for r, pair in enumerate(merges)}        # pair -> priority
+        self.ignore_merges = bool(model.get("ignore_merges"))          # Llama-3: whole word in vocab wins
+        self.unk_id = self.vocab.get(model.get("unk_token"))
+        # normalizer: none, or a Unicode normal form
+        norm = d.get("normalizer")
+        if norm is not None and norm.get("type") not in ("NFC", "NFD", "NFKC", "NFKD"):
+            refuse("normalizer", norm)
+        self.normal_form = norm and norm["type"]
+        # pre-tokenizer: regex splits (Split / Digits / ByteLevel's own regex) ending in ByteLevel
+        pre = d.get("pre_tokenizer") or {}
+        steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+        if not steps or steps[-1].get("type") != "ByteLevel":
+            refuse("pre_tokenizer (must be ByteLevel, or a Sequence ending in ByteLevel)", pre)
+        self.splits = []                     # (compiled regex, add_prefix_space) applied in order
+        for s in steps:
+            if s["type"] == "Split" and s.get("behavior") == "Isolated" and not s.get("invert"):
+                p = s["pattern"]
+                self.splits.append((regex.compile(p["Regex"] if "Regex" in p else regex.escape(p["String"])), False))
+            elif s["type"] == "Digits":
+                self.splits.append((regex.compile(r"\p{N}" if s.get("individual_digits") else r"\p{N}+"), False))
+            elif s["type"] == "ByteLevel" and s is steps[-1]:
+                if s.get("use_regex", True) or s.get("add_prefix_space"):
+                    self.splits.append((regex.compile(GPT2_PATTERN) if s.get("use_regex", True) else None,
+                                        bool(s.get("add_prefix_space"))))
+            else:
+                refuse("pre_tokenizer step", s)
+        if (d.get("decoder") or {}).get("type") != "ByteLevel":
+            refuse("decoder (must be ByteLevel)", d.get("decoder"))
+        # added tokens (special or not) are split out of the raw text before anything else
+        added = d.get("added_tokens") or []
+        for a in added:
+            if a.get("single_word"):
+                refuse("added_tokens single_word", a)
+        self._set_added([(a["content"], a["id"], a.get("special", False), a.get("lstrip", False),
+                          a.get("rstrip", False)) for a in added])
+        self.id_to_token = {i: t for t, i in self.vocab.items()} | self._added_by_id
+        self.vocab_size = max(self.id_to_token) + 1
+        self.byte_enc = bytes_to_unicode()
+        self.byte_dec = {c: b for b, c in self.byte_enc.items()}
+        self.cache = {}                      # pre-token -> ids (words repeat a lot)
+        # a TemplateProcessing post-processor tells whether BOS/EOS are added (Llama-3 adds BOS)
+        post = d.get("post_processor") or {}
+        for p in post.get("processors", []) if post.get("type") == "Sequence" else [post]:
+            if p.get("type") == "TemplateProcessing":
+                single = p["single"]
+                if "SpecialToken" in single[0]:
+                    self.bos_id, self.add_bos = self.token_to_id(single[0]["SpecialToken"]["id"]), True
+                if "SpecialToken" in single[-1]:
+                    self.eos_id, self.add_eos = self.token_to_id(single[-1]["SpecialToken"]["id"]), True
+            elif p and p.get("type") != "ByteLevel":
+                refuse("post_processor", p)
+
+    def _pretokenize(self, text):
+        """Apply the split steps in turn; each cuts every piece at its regex matches, keeping
+        both the matches and the text between them ('Isolated')."""
+        pieces = [text] if text else []
+        for pattern, prefix_space in self.splits:
+            out = []
+            for piece in pieces:
+                if prefix_space and not piece.startswith(" "):
+                    piece = " " + piece
+                cuts = sorted({0, len(piece), *(x for m in (pattern.finditer(piece) if pattern else ()) for x in m.span())})
+                out += [piece[a:b] for a, b in zip(cuts, cuts[1:])]
+            pieces = out
+        return pieces
+
+    def _bpe(self, word):
+        """One pre-token (already byte-mapped) -> ids."""
+        if self.ignore_merges and word in self.vocab:
+            return [self.vocab[word]]
+        parts = list(word)
+        while len(parts) > 1:
+            # merge the adjacent pair with the lowest rank (leftmost on a tie); stop when no
+            # adjacent pair is in the merge list
+            rank, i = min((self.ranks.get(pair, INF), i) for i, pair in enumerate(zip(parts, parts[1:])))
+            if rank == INF:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        # a byte missing from the vocab (it never merges) becomes UNK, or is dropped when the
+        # model has no UNK token, as Hugging Face tokenizers does
+        return [self.vocab.get(p, self.unk_id) for p in parts if p in self.vocab or self.unk_id is not None]
+
+    def _encode_ordinary(self, text):
+        if self.normal_form:
+            text = unicodedata.normalize(self.normal_form, text)
+        ids = []
+        for piece in self._pretokenize(text):
+            if piece not in self.cache:
+                self.cache[piece] = self._bpe("".join(self.byte_enc[b] for b in piece.encode("utf-8")))
+            ids += self.cache[piece]
+        return ids
+
+    def _decode_ordinary(self, ids):
+        data = bytes(self.byte_dec[c] for i in ids for c in self.id_to_token[i])
+        return data.decode("utf-8", errors="replace")
+
+    def id_to_piece(self, i):
+        return self.id_to_token[i]
+
+    def token_to_id(self, s):
+        return self._added_by_content.get(s, self.vocab.get(s))
+
+
+def load_tokenizer(ckpt_dir):
+    """Tokenizer of a Hugging Face checkpoint folder: tokenizer.json (byte-level BPE) or
+    tokenizer.model (SentencePiece; also used when tokenizer.json is a SentencePiece-style one,
+    as Llama-2 folders ship both), then tokenizer_config.json's special tokens, add_bos/eos and
+    chat template, with config.json's token ids as the fallback."""
+    d = Path(ckpt_dir)
+    if (d / "tokenizer.json").exists():
+        try:
+            tok = BPETokenizer(d / "tokenizer.json")
+        except CheckpointError:
+            if not (d / "tokenizer.model").exists():
+                raise
+            tok = SentencePieceTokenizer(d / "tokenizer.model")
+    elif (d / "tokenizer.model").exists():
+        tok = SentencePieceTokenizer(d / "tokenizer.model")
+    else:
+        raise CheckpointError(f"{d}: no tokenizer.json or tokenizer.model in this folder")
+    read = lambda name: json.loads((d / name).read_text(encoding="utf-8")) if (d / name).exists() else {}
+    tcfg, cfg = read("tokenizer_config.json"), read("config.json")
+    for name in ("bos", "eos", "pad"):
+        if f"{name}_token" in tcfg:                 # a string, {"content": ...}, or null
+            s = tcfg[f"{name}_token"]
+            s = s.get("content") if isinstance(s, dict) else s
+            i = None if s is None else tok.token_to_id(s)
+            if s is not None and i is None:
+                raise CheckpointError(f"{d / 'tokenizer_config.json'}: {name}_token {s!r} is not in the vocabulary")
+        else:
+            i = cfg.get(f"{name}_token_id", getattr(tok, f"{name}_id"))
+            i = i[0] if isinstance(i, list) else i
+        setattr(tok, f"{name}_id", i)
+    tok.add_bos = bool(tcfg.get("add_bos_token", tok.add_bos)) and tok.bos_id is not None
+    tok.add_eos = bool(tcfg.get("add_eos_token", tok.add_eos)) and tok.eos_id is not None
+    template = tcfg.get("chat_template") or ""
+    if isinstance(template, list):                  # [{"name": ..., "template": ...}, ...]
+        template = " ".join(t["template"] for t in template)
+    if not template and (d / "chat_template.jinja").exists():
+        template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+    tok.chat_format = ("chatml" if "<|im_start|>" in template else "llama3" if "<|start_header_id|>" in template
+                       else "llama2" if "[INST]" in template else "none")
+    m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>", template)  # a literal default system prompt
+    tok.default_system = m.group(1) if m else None
+    return tok
+
+
+def format_chat(tokenizer, user, system=None):
+    """Prompt text for one user turn with the assistant's turn opened (like a chat template with
+    add_generation_prompt). BOS is not included: encode() adds it when the tokenizer does."""
+    f = tokenizer.chat_format
+    if f == "chatml":
+        system = tokenizer.default_system if system is None else system
+        head = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
+        return head + f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    if f == "llama2":
+        if system:
+            user = f"<<SYS>>\n{system.strip()}\n<</SYS>>\n\n{user.strip()}"
+        return f"[INST] {user.strip()} [/INST]"
+    if f == "llama3":
+        turn = lambda role, text: f"<|start_header_id|>{role}<|end_header_id|>\n\n{text.strip()}<|eot_id|>"
+        head = turn("system", system) if system else ""
+        return head + turn("user", user) + "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    if system:
+        raise ValueError("this tokenizer has no chat template, so there is no place for a system prompt")
+    return user
 
 
 # ----------------------------------------------------------------------------------------------
