@@ -835,6 +835,8 @@ def load_tokenizer(ckpt_dir):
     as Llama-2 folders ship both), then tokenizer_config.json's special tokens, add_bos/eos and
     chat template, with config.json's token ids as the fallback."""
     d = Path(ckpt_dir)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: checkpoint folder not found")
     if (d / "tokenizer.json").exists():
         try:
             tok = BPETokenizer(d / "tokenizer.json")
