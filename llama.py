@@ -277,7 +277,10 @@ class _Body(nn.Module):
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        weight = torch.empty(cfg.vocab_size, cfg.hidden_size)
+        if weight.device.type != "meta":  # (initialising on meta costs a 1.3 s import; loading fills it)
+            nn.init.normal_(weight)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -514,9 +517,12 @@ def load_checkpoint(ckpt_dir, device="cpu", dtype=torch.float32) -> Llama:
             for name, info in header.items():
                 if where.get(name) != path:
                     continue
-                raw = read_tensor(f, info, data_start, staging)
-                t = torch.empty(raw.shape, dtype=dtype, device=device)
-                t.copy_(raw)                          # convert to the compute dtype on the way in
+                if _ST_DTYPES[info["dtype"]] == dtype and torch.device(device).type == "cpu":
+                    t = read_tensor(f, info, data_start)   # same dtype: read straight into its own memory
+                else:
+                    raw = read_tensor(f, info, data_start, staging)
+                    t = torch.empty(raw.shape, dtype=dtype, device=device)
+                    t.copy_(raw)                      # convert to the compute dtype on the way in
                 module_name, _, pname = name.rpartition(".")
                 model.get_submodule(module_name)._parameters[pname] = nn.Parameter(t)
     if cfg.tie_word_embeddings:
@@ -954,7 +960,7 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, *, tem
     logits = logits[torch.arange(B, device=device), last]                       # (B, V)
     out = [[] for _ in range(B)]
     done = [False] * B
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         nxt = _sample(logits, temperature, top_k, generator)                     # (B,)
         for i, t in enumerate(nxt.tolist()):
             if done[i]:
@@ -966,7 +972,7 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, *, tem
             if stop_strings:
                 tail = tokenizer.decode(out[i][-16:])
                 done[i] = any(s in tail for s in stop_strings)
-        if all(done):
+        if all(done) or step == max_new_tokens - 1:   # the last token needs no forward pass
             break
         step_mask = torch.tensor([0 if d else 1 for d in done], device=device)[:, None]
         logits = model(nxt[:, None], attention_mask=step_mask, cache=cache)[:, -1]
