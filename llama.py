@@ -188,10 +188,23 @@ def apply_rope(x, cos, sin):
 
 class Linear(nn.Linear):
     """y = x W^T. The weight may be stored in a narrower dtype than x (bf16 weights, fp32 compute on a
-    CPU): it is then widened on the fly, one matrix at a time, so memory holds one narrow copy."""
+    CPU): it is then widened on the fly, so memory holds one narrow copy. For a few tokens without
+    autograd (decoding) it is widened ROWS rows at a time into a small buffer that stays in cache;
+    a whole fresh fp32 copy per call makes a Llama-2-7B forward about 4x slower."""
+    ROWS = 64
 
     def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype))
+        w = self.weight
+        if w.dtype == x.dtype:
+            return F.linear(x, w)
+        if x.numel() > self.ROWS * x.shape[-1] or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
+            return F.linear(x, w.to(x.dtype))      # many tokens (compute-bound) or autograd: widen it all
+        out = x.new_empty(*x.shape[:-1], w.shape[0])
+        buf = x.new_empty(min(self.ROWS, w.shape[0]), w.shape[1])
+        for r in range(0, w.shape[0], self.ROWS):  # y[..., r:r+ROWS] = x W[r:r+ROWS]^T
+            b = buf[:min(self.ROWS, w.shape[0] - r)].copy_(w[r:r + self.ROWS])
+            torch.matmul(x, b.t(), out=out[..., r:r + len(b)])
+        return out
 
 
 class Attention(nn.Module):
