@@ -1,0 +1,870 @@
+"""Edit records, dataset loaders, prompt templates, tokenisation with label masks, batching,
+and the built-in demo world.
+
+What is inside
+--------------
+- `EditRecord`: one edit request (prompt, target_new, optional target_true, subject,
+  rephrase prompts, locality pairs, portability pairs, free-form meta).
+- `load_edits(path, format=None, ...)`: reads and validates, before any work starts, the formats
+  the editing literature uses:
+    * "zsre"          MEND/ROME ZsRE JSON: {src, answers, alt, rephrase, loc, loc_ans, subject, ...}.
+                      The new target is a CHOICE (`zsre_target`): "answers" = answers[0], the
+                      ZsRE evaluation (the question's true answer, which the model got wrong);
+                      "alt" = the counterfactual edit (target_new = alt, target_true = answers[0]).
+    * "easyedit"      EasyEdit/KnowEdit JSON: {prompt, target_new, ground_truth, rephrase_prompt,
+                      locality_prompt, locality_ground_truth} or nested {locality: {name:
+                      {prompt, ground_truth}}, portability: {...}}; also the WikiBio
+                      hallucination edits {prompt, target_new, subject, locality_*}.
+    * "counterfact"   ROME CounterFact JSON: {case_id, requested_rewrite: {prompt "{}", subject,
+                      target_new: {str}, target_true: {str}}, paraphrase_prompts,
+                      neighborhood_prompts, generation_prompts}.
+    * "hallucination" SCEN/GRACE perplexity sets: {text, labels, concept} (WikiBio-A: prompt =
+                      text, target = labels) and {text} (OpenWebText: empty prompt, target = text).
+    * "jsonl"         the project's own format: one JSON object per line whose keys are the
+                      fields of EditRecord (see `save_jsonl`).
+  Every problem is a `DataError` "FILE:LINE: FIELD: what is wrong", raised before any record
+  is used (invalid JSON, missing field, wrong type, empty target, subject not in prompt when
+  the method needs it).
+- `Template` ("raw", "llama2", "chatml") and `template_for(tokenizer, name)`.
+- `encode_prompt_target(...)`: token ids of prompt + target such that the target ids are the
+  ones the model would generate after the prompt; `collate(...)`: padding, attention masks,
+  labels with -100 on prompt and padding.
+- `demo_world(seed)`: a deterministic fictional knowledge base (people, cities, countries,
+  organisations, languages) with several phrasings per relation, counterfactual edits and
+  locality facts. train_sft.py trains the demo model on it (`ensure_demo`).
+
+The tokenizer objects are llama.py's (`load_tokenizer`): `encode(text, bos=None, eos=False)`,
+`decode(ids, skip_special)`, `bos_id`, `eos_id`, `pad_id`, `add_bos`, `chat_format`.
+Nothing here imports torch except `collate`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+FORMATS = ("zsre", "easyedit", "counterfact", "hallucination", "jsonl")
+TEMPLATES = ("raw", "llama2", "chatml")
+
+
+class DataError(ValueError):
+    """A bad input file or record; the message reads 'FILE:LINE: FIELD: problem'."""
+
+
+def _err(path, line, fld, msg) -> DataError:
+    where = f"{path}:{line}" if line is not None else f"{path}"
+    return DataError(f"{where}: {fld}: {msg}" if fld else f"{where}: {msg}")
+
+
+# --------------------------------------------------------------------------------------------
+# The record
+# --------------------------------------------------------------------------------------------
+@dataclass
+class EditRecord:
+    """One edit request.
+
+    prompt       the edit prompt (a question for QA edits, a completion prefix for CounterFact)
+    target_new   the answer the edited model must give
+    target_true  the old / true answer where the data has one (CounterFact), else None
+    subject      the entity the fact is about (must occur in `prompt` for locate-then-edit methods)
+    rephrases    paraphrases of `prompt` (Generality / Generalization)
+    locality     unrelated (prompt, answer) pairs (Locality / Specificity)
+    portability  (prompt, answer) pairs that follow from the edit (reported only)
+    meta         anything else from the source (case_id, relation, ...), kept for reports
+    """
+    prompt: str
+    target_new: str
+    target_true: str | None = None
+    subject: str | None = None
+    rephrases: list[str] = field(default_factory=list)
+    locality: list[tuple[str, str]] = field(default_factory=list)
+    portability: list[tuple[str, str]] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["locality"] = [list(p) for p in self.locality]
+        d["portability"] = [list(p) for p in self.portability]
+        return d
+
+
+_FIELDS = ("prompt", "target_new", "target_true", "subject", "rephrases", "locality",
+           "portability", "meta")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading files
+# --------------------------------------------------------------------------------------------
+def _read_text(path: Path) -> str:
+    if not path.exists():
+        raise _err(path, None, None, "file not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise _err(path, None, None, f"not UTF-8 text ({e})") from None
+
+
+def _json_array(path: Path, text: str, n: int | None):
+    """Parse a top-level JSON array element by element; yield (line of the element, element).
+
+    Stops after `n` elements. The line numbers let every error name the record's line.
+    """
+    dec = json.JSONDecoder()
+    i, L = 0, len(text)
+    ws = " \t\r\n"
+    while i < L and text[i] in ws:
+        i += 1
+    if i >= L or text[i] != "[":
+        raise _err(path, text.count("\n", 0, i) + 1, None,
+                   "expected a JSON array of records (use --format jsonl for one record per line)")
+    i += 1
+    line, last = 1, 0
+    count = 0
+    first = True
+    while True:
+        while i < L and text[i] in ws:
+            i += 1
+        if i < L and text[i] == "]":
+            return
+        if not first:
+            if i >= L or text[i] != ",":
+                line += text.count("\n", last, i); last = i
+                raise _err(path, line, None, "invalid JSON: expected ',' or ']' between records")
+            i += 1
+            while i < L and text[i] in ws:
+                i += 1
+        first = False
+        line += text.count("\n", last, i); last = i
+        try:
+            obj, j = dec.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise _err(path, e.lineno, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+        yield line, obj
+        count += 1
+        if n is not None and count >= n:
+            return
+        i = j
+
+
+def _jsonl(path: Path, text: str, n: int | None):
+    count = 0
+    for k, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise _err(path, k, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+        yield k, obj
+        count += 1
+        if n is not None and count >= n:
+            return
+
+
+def detect_format(obj: dict) -> str | None:
+    """Guess a record's format from its keys (None when nothing matches)."""
+    if not isinstance(obj, dict):
+        return None
+    k = set(obj)
+    if "requested_rewrite" in k:
+        return "counterfact"
+    if "src" in k:
+        return "zsre"
+    if ("rephrases" in k or "target_true" in k or ("meta" in k and "target_new" in k)
+            or isinstance(obj.get("locality"), list) or isinstance(obj.get("portability"), list)):
+        return "jsonl"
+    if "prompt" in k and "target_new" in k:
+        return "easyedit"
+    if "text" in k and "prompt" not in k:
+        return "hallucination"
+    return None
+
+
+# --- field helpers (all raise DataError naming the field) ------------------------------------
+def _get(d, key, path, line, *, types=(str,), required=True, default=None, nonempty=False):
+    if key not in d or d[key] is None:
+        if required:
+            raise _err(path, line, key, "missing field")
+        return default
+    v = d[key]
+    if not isinstance(v, types):
+        names = "/".join(t.__name__ for t in types)
+        raise _err(path, line, key, f"expected {names}, got {type(v).__name__}")
+    if nonempty and isinstance(v, str) and not v.strip():
+        raise _err(path, line, key, "empty string")
+    return v
+
+
+def _str_list(v, key, path, line) -> list[str]:
+    if v is None:
+        return []
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise _err(path, line, key, "expected a string or a list of strings")
+    return [x for x in v]
+
+
+def _first_str(v, key, path, line) -> str:
+    """A ground truth given as a string, a list of strings or a list of lists: its first string."""
+    while isinstance(v, list):
+        if not v:
+            raise _err(path, line, key, "empty list")
+        v = v[0]
+    if not isinstance(v, str):
+        raise _err(path, line, key, f"expected a string, got {type(v).__name__}")
+    return v
+
+
+def _pairs_from(prompts, answers, key, path, line) -> list[tuple[str, str]]:
+    ps = _str_list(prompts, key + ".prompt", path, line)
+    if isinstance(answers, str):
+        answers = [answers]
+    if not isinstance(answers, list):
+        raise _err(path, line, key + ".ground_truth", "expected a string or a list")
+    if len(answers) == 1 and len(ps) > 1:
+        answers = answers * len(ps)
+    if len(answers) != len(ps):
+        raise _err(path, line, key, f"{len(ps)} prompts but {len(answers)} answers")
+    return [(p, _first_str(a, key + ".ground_truth", path, line)) for p, a in zip(ps, answers)]
+
+
+def _nested_pairs(v, key, path, line) -> tuple[list[tuple[str, str]], dict]:
+    """EasyEdit nested locality/portability: {name: {prompt, ground_truth} | [{...}, ...]}."""
+    out, kinds = [], {}
+    if v is None:
+        return out, kinds
+    if not isinstance(v, dict):
+        raise _err(path, line, key, f"expected an object, got {type(v).__name__}")
+    for name, entry in v.items():
+        entries = entry if isinstance(entry, list) else [entry]
+        for e in entries:
+            if not isinstance(e, dict) or "prompt" not in e or "ground_truth" not in e:
+                raise _err(path, line, f"{key}.{name}", "expected {prompt, ground_truth}")
+            pairs = _pairs_from(e["prompt"], e["ground_truth"], f"{key}.{name}", path, line)
+            kinds.setdefault(name, 0)
+            kinds[name] += len(pairs)
+            out += pairs
+    return out, kinds
+
+
+# --- one parser per format -------------------------------------------------------------------
+def _parse_zsre(d, path, line, zsre_target) -> EditRecord:
+    src = _get(d, "src", path, line, nonempty=True)
+    answers = _get(d, "answers", path, line, types=(list, str))
+    answers = _str_list(answers, "answers", path, line)
+    if zsre_target == "answers":
+        if not answers or not answers[0].strip():
+            raise _err(path, line, "answers", "empty target")
+        new, true = answers[0], None
+    else:
+        new = _get(d, "alt", path, line, nonempty=True)
+        true = answers[0] if answers else None
+    rephrases = _str_list(d.get("rephrase"), "rephrase", path, line)
+    loc = []
+    if d.get("loc") is not None:
+        loc = [(_get(d, "loc", path, line), _first_str(_get(d, "loc_ans", path, line,
+                                                            types=(str, list)), "loc_ans", path, line))]
+    port = []
+    p = d.get("portability")
+    if isinstance(p, dict) and "New Question" in p and "New Answer" in p:
+        port = [(p["New Question"], _first_str(p["New Answer"], "portability.New Answer", path, line))]
+    meta = {k: d[k] for k in ("pred", "cond", "alt", "answers") if k in d}
+    meta["zsre_target"] = zsre_target
+    return EditRecord(src, new, true, d.get("subject"), rephrases, loc, port, meta)
+
+
+def _parse_easyedit(d, path, line) -> EditRecord:
+    prompt = _get(d, "prompt", path, line, nonempty=True)
+    new = _first_str(_get(d, "target_new", path, line, types=(str, list)), "target_new", path, line)
+    true = d.get("ground_truth")
+    true = _first_str(true, "ground_truth", path, line) if true is not None else None
+    rephrases = _str_list(d.get("rephrase_prompt"), "rephrase_prompt", path, line)
+    loc, port, meta = [], [], {}
+    if "locality_prompt" in d:
+        loc = _pairs_from(d["locality_prompt"], _get(d, "locality_ground_truth", path, line,
+                                                      types=(str, list)), "locality", path, line)
+    elif "locality" in d:
+        loc, kinds = _nested_pairs(d["locality"], "locality", path, line)
+        meta["locality_kinds"] = kinds
+    if "portability" in d:
+        port, kinds = _nested_pairs(d["portability"], "portability", path, line)
+        meta["portability_kinds"] = kinds
+    for k in ("case_id", "cond"):
+        if k in d:
+            meta[k] = d[k]
+    return EditRecord(prompt, new, true, d.get("subject"), rephrases, loc, port, meta)
+
+
+def _parse_counterfact(d, path, line) -> EditRecord:
+    rw = _get(d, "requested_rewrite", path, line, types=(dict,))
+    subj = _get(rw, "subject", path, line, nonempty=True)
+    tmpl = _get(rw, "prompt", path, line)
+    if "{}" not in tmpl:
+        raise _err(path, line, "requested_rewrite.prompt", "no '{}' placeholder for the subject")
+    tn = _get(rw, "target_new", path, line, types=(dict,))
+    tt = _get(rw, "target_true", path, line, types=(dict,))
+    new = _get(tn, "str", path, line)
+    true = _get(tt, "str", path, line)
+    if not new.strip():
+        raise _err(path, line, "requested_rewrite.target_new.str", "empty target")
+    para = _str_list(d.get("paraphrase_prompts"), "paraphrase_prompts", path, line)
+    neigh = _str_list(d.get("neighborhood_prompts"), "neighborhood_prompts", path, line)
+    meta = {"case_id": d.get("case_id"),
+            "generation_prompts": _str_list(d.get("generation_prompts"), "generation_prompts", path, line)}
+    return EditRecord(tmpl.replace("{}", subj), new, true, subj, para,
+                      [(p, true) for p in neigh], [], meta)
+
+
+def _parse_hallucination(d, path, line) -> EditRecord:
+    if "prompt" in d:                       # WikiBio edits, EasyEdit layout
+        return _parse_easyedit(d, path, line)
+    text = _get(d, "text", path, line, nonempty=True)
+    if "labels" in d:                       # WikiBio-A: the accurate sentence given the passage
+        labels = _get(d, "labels", path, line, nonempty=True)
+        return EditRecord(text, labels, None, d.get("concept"), meta={"kind": "wikibio"})
+    return EditRecord("", text, None, None, meta={"kind": "text"})   # OpenWebText: text alone
+
+
+def _parse_jsonl(d, path, line) -> EditRecord:
+    if not isinstance(d, dict):
+        raise _err(path, line, None, f"expected a JSON object, got {type(d).__name__}")
+    unknown = sorted(set(d) - set(_FIELDS))
+    if unknown:
+        raise _err(path, line, unknown[0], f"unknown field (fields: {', '.join(_FIELDS)})")
+    prompt = _get(d, "prompt", path, line)
+    new = _get(d, "target_new", path, line)
+    true = _get(d, "target_true", path, line, required=False)
+    subj = _get(d, "subject", path, line, required=False)
+    reph = _get(d, "rephrases", path, line, types=(list,), required=False, default=[])
+    if not all(isinstance(x, str) for x in reph):
+        raise _err(path, line, "rephrases", "expected a list of strings")
+    pairs = {}
+    for key in ("locality", "portability"):
+        v = _get(d, key, path, line, types=(list,), required=False, default=[])
+        out = []
+        for i, p in enumerate(v):
+            if (not isinstance(p, (list, tuple)) or len(p) != 2
+                    or not all(isinstance(x, str) for x in p)):
+                raise _err(path, line, f"{key}[{i}]", "expected a [prompt, answer] pair of strings")
+            out.append((p[0], p[1]))
+        pairs[key] = out
+    meta = _get(d, "meta", path, line, types=(dict,), required=False, default={})
+    return EditRecord(prompt, new, true, subj, list(reph), pairs["locality"],
+                      pairs["portability"], dict(meta))
+
+
+def _check(rec: EditRecord, path, line, require_subject: bool) -> None:
+    """Checks shared by every format (each raises DataError naming the field)."""
+    if not rec.target_new.strip():
+        raise _err(path, line, "target_new", "empty target")
+    if not rec.prompt.strip() and rec.meta.get("kind") != "text":
+        raise _err(path, line, "prompt", "empty prompt")
+    if rec.target_true is not None and not rec.target_true.strip():
+        raise _err(path, line, "target_true", "empty target")
+    for i, r in enumerate(rec.rephrases):
+        if not r.strip():
+            raise _err(path, line, f"rephrases[{i}]", "empty prompt")
+    for key in ("locality", "portability"):
+        for i, (p, a) in enumerate(getattr(rec, key)):
+            if not p.strip():
+                raise _err(path, line, f"{key}[{i}]", "empty prompt")
+            if not a.strip():
+                raise _err(path, line, f"{key}[{i}]", "empty answer")
+    if require_subject:
+        if not rec.subject:
+            raise _err(path, line, "subject", "missing field (this method needs the subject)")
+        if rec.subject not in rec.prompt:
+            raise _err(path, line, "subject", f"{rec.subject!r} does not occur in the prompt "
+                                              f"{rec.prompt!r}")
+
+
+def load_edits(path, format: str | None = None, *, zsre_target: str = "answers",
+               n: int | None = None, require_subject: bool = False) -> list[EditRecord]:
+    """Load and validate edit records.
+
+    path            a .json array file or a .jsonl file
+    format          None (detect from the first record's keys) or one of FORMATS
+    zsre_target     MEND ZsRE only: "answers" (target_new = answers[0], the ZsRE QA evaluation)
+                    or "alt" (target_new = alt, target_true = answers[0]: a counterfactual edit)
+    n               keep the first n records (None: all)
+    require_subject every record must have a subject that occurs in its prompt (ROME/MEMIT/NSE)
+
+    Raises DataError('FILE:LINE: FIELD: problem') on the first bad record, before returning
+    anything.
+    """
+    path = Path(path)
+    if format is not None and format not in FORMATS:
+        raise DataError(f"{path}: format: {format!r} is not one of {', '.join(FORMATS)}")
+    if zsre_target not in ("answers", "alt"):
+        raise DataError(f"{path}: zsre_target: {zsre_target!r} is not 'answers' or 'alt'")
+    if n is not None and n < 1:
+        raise DataError(f"{path}: n: must be >= 1, got {n}")
+    text = _read_text(path)
+    stripped = text.lstrip()
+    if not stripped:
+        raise _err(path, 1, None, "empty file")
+    lines_mode = format == "jsonl" or (format is None and not stripped.startswith("["))
+    items = _jsonl(path, text, n) if lines_mode else _json_array(path, text, n)
+    out: list[EditRecord] = []
+    fmt = format
+    for line, obj in items:
+        if not isinstance(obj, dict):
+            raise _err(path, line, None, f"expected a JSON object, got {type(obj).__name__}")
+        if fmt is None:
+            fmt = detect_format(obj)
+            if fmt is None:
+                raise _err(path, line, None, "cannot tell the format from the keys "
+                           f"{sorted(obj)}; give format= one of {', '.join(FORMATS)}")
+        if fmt == "zsre":
+            rec = _parse_zsre(obj, path, line, zsre_target)
+        elif fmt == "easyedit":
+            rec = _parse_easyedit(obj, path, line)
+        elif fmt == "counterfact":
+            rec = _parse_counterfact(obj, path, line)
+        elif fmt == "hallucination":
+            rec = _parse_hallucination(obj, path, line)
+        else:
+            rec = _parse_jsonl(obj, path, line)
+        _check(rec, path, line, require_subject)
+        rec.meta.setdefault("source", f"{path.name}:{line}")
+        out.append(rec)
+    if not out:
+        raise _err(path, None, None, "no records")
+    return out
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write `text` to `path` atomically (temporary file in the same folder + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_jsonl(records, path) -> None:
+    """Write records in the project's JSONL format (one EditRecord per line), atomically.
+
+    Each line is a JSON object with the keys prompt, target_new, target_true, subject,
+    rephrases, locality ([[prompt, answer], ...]), portability, meta. `load_edits` reads it back.
+    """
+    lines = [json.dumps(r.to_dict() if isinstance(r, EditRecord) else r, ensure_ascii=False)
+             for r in records]
+    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+
+
+# --------------------------------------------------------------------------------------------
+# Templates and tokenisation
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Template:
+    """How a prompt and its target become text.
+
+    kind "raw"    the prompt as is, then the target after one space (completion, CounterFact):
+                  "The capital of France is" + " Paris". A trailing space of the prompt moves to
+                  the target ("is " + "Paris" -> "is" + " Paris"), because tokenizers attach a
+                  space to the word after it; no space is added after a newline or when the
+                  target already starts with whitespace, or when the prompt is empty.
+    kind "llama2" SCEN's official text, no spaces and no system prompt:
+                  "[INST]{question}[/INST]" + "{answer}", ended by </s> (EOS).
+    kind "chatml" the checkpoint's ChatML chat template (llama.format_chat: one user turn, the
+                  assistant turn opened), answer appended directly, ended by <|im_end|>.
+    system        chatml only: the system message; None = the template's default system turn
+                  (SmolLM2: "You are a helpful AI assistant named SmolLM, ..."), "" = no system
+                  turn at all ("<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n").
+    """
+    kind: str = "raw"
+    system: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in TEMPLATES:
+            raise ValueError(f"template: {self.kind!r} is not one of {', '.join(TEMPLATES)}")
+
+    def prompt_text(self, tokenizer, prompt: str) -> str:
+        """The text the model reads before it answers."""
+        if self.kind == "raw":
+            return prompt
+        if self.kind == "llama2":
+            return f"[INST]{prompt}[/INST]"
+        import llama
+        if getattr(tokenizer, "chat_format", None) != "chatml":
+            raise ValueError(f"template chatml: this tokenizer's chat format is "
+                             f"{getattr(tokenizer, 'chat_format', None)!r}, not chatml")
+        if self.system == "":           # no system turn at all (SmolLM2's template would add its default)
+            text = llama.format_chat(tokenizer, prompt, system="")
+            head = "<|im_start|>system\n<|im_end|>\n"
+            return text[len(head):] if text.startswith(head) else text
+        return llama.format_chat(tokenizer, prompt, system=self.system)
+
+    def split(self, tokenizer, prompt: str, target: str) -> tuple[str, str]:
+        """(prompt text, target text) with the separating space handled (see the class doc)."""
+        p = self.prompt_text(tokenizer, prompt)
+        if self.kind != "raw":
+            return p, target.strip()
+        if not p or target[:1].isspace() or p.endswith("\n"):
+            return p, target
+        return p.rstrip(" "), " " + target.lstrip(" ")
+
+    def end_id(self, tokenizer) -> int | None:
+        """The token that closes an answer: <|im_end|> for chatml, else the tokenizer's EOS."""
+        if self.kind == "chatml":
+            ids = tokenizer.encode("<|im_end|>", bos=False)
+            if len(ids) == 1:
+                return ids[0]
+        return tokenizer.eos_id
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """Strings at which a generated answer is cut (SCEN cuts at '[/INST]' and '</s>')."""
+        if self.kind == "llama2":
+            return ("[/INST]", "[INST]", "</s>")
+        if self.kind == "chatml":
+            return ("<|im_end|>", "<|im_start|>")
+        return ("\n",)
+
+
+def template_for(tokenizer, name: str = "auto", system: str | None = None) -> Template:
+    """Pick a template by name; "auto" follows the tokenizer's chat format.
+
+    auto: chatml tokenizer -> "chatml"; llama2 tokenizer -> "llama2" (SCEN's no-space form);
+    anything else -> "raw".
+    """
+    if name == "auto":
+        fmt = getattr(tokenizer, "chat_format", "none")
+        name = {"chatml": "chatml", "llama2": "llama2"}.get(fmt, "raw")
+    return Template(name, system)
+
+
+class Encoded(NamedTuple):
+    """Token ids of prompt + target (+ end token).
+
+    ids           full sequence (BOS if the tokenizer adds one, prompt, target, optional end)
+    target_start  index of the first target token (= number of prompt tokens)
+    target_end    index one past the last target token (the end token, if any, sits here)
+    how           "joint" (prompt+target encoded together, prompt tokens unchanged) or
+                  "separate" (a merge across the boundary changed the prompt's tokens, so the
+                  target was encoded on its own and appended)
+    """
+    ids: list[int]
+    target_start: int
+    target_end: int
+    how: str
+
+
+def encode_prompt(tokenizer, template: Template, prompt: str) -> list[int]:
+    """Token ids of the prompt alone, exactly as `encode_prompt_target` starts them."""
+    p, _ = template.split(tokenizer, prompt, "x")
+    return tokenizer.encode(p)
+
+
+def encode_prompt_target(tokenizer, template: Template, prompt: str, target: str,
+                         add_eos: bool | None = None) -> Encoded:
+    """Tokenise prompt + target so that the target ids are what the model generates after the prompt.
+
+    1. text: (P, T) = template.split(prompt, target) (leading-space trap handled there).
+    2. p = encode(P); j = encode(P + T). If j starts with p, the target ids are j[len(p):]
+       ("joint"): the tokens a model produces when it continues exactly the prompt ids that
+       generation feeds it.
+    3. Otherwise a BPE merge crossed the boundary (e.g. "...is " + "Paris" tokenised jointly
+       as "is", " Paris"); the prompt ids must stay those of step 2's p, so the target is
+       encoded on its own without BOS ("separate"). For a SentencePiece tokenizer that adds a
+       dummy-prefix space, a target starting with one space is encoded without it, so that
+       decode(p + t) == P + T.
+    add_eos: append the template's end token (EOS / <|im_end|>); default True for the chat
+    templates, False for raw.
+    """
+    if add_eos is None:
+        add_eos = template.kind != "raw"
+    P, T = template.split(tokenizer, prompt, target)
+    p = tokenizer.encode(P)
+    j = tokenizer.encode(P + T)
+    if j[:len(p)] == p and len(j) > len(p):
+        t, how = j[len(p):], "joint"
+    else:
+        t, how = _encode_continuation(tokenizer, p, T), "separate"
+    ids = p + t
+    end = len(ids)
+    if add_eos:
+        e = template.end_id(tokenizer)
+        if e is None:
+            raise ValueError("add_eos: the tokenizer has no EOS token")
+        ids = ids + [e]
+    return Encoded(ids, len(p), end, how)
+
+
+def _encode_continuation(tokenizer, p: list[int], T: str) -> list[int]:
+    """Ids of T as a continuation of the ids p, without a BOS or a spurious leading space.
+
+    Candidates, the first whose decoding extends p's decoding by exactly T wins:
+    encode(T); encode(X + T) minus encode(X) for a sentinel X = "\n" (no SentencePiece
+    dummy-prefix space then lands on T); encode(T[1:]) when T starts with a space (the dummy
+    prefix supplies it). If none checks out, the sentinel's ids are used.
+    """
+    base = tokenizer.decode(p)
+    cands = [tokenizer.encode(T, bos=False)]
+    for x in ("\n", "\n\n"):
+        a, b = tokenizer.encode(x, bos=False), tokenizer.encode(x + T, bos=False)
+        if b[:len(a)] == a:
+            cands.append(b[len(a):])
+            break
+    if T.startswith(" "):
+        cands.append(tokenizer.encode(T[1:], bos=False))
+    for c in cands:
+        if c and tokenizer.decode(p + c) == base + T:
+            return c
+    return cands[1] if len(cands) > 1 else cands[0]
+
+
+class Batch(NamedTuple):
+    """A padded batch.
+
+    tokens          (B, T) long, padded with pad_id
+    attention_mask  (B, T) long, 1 = token, 0 = padding
+    labels          (B, T) long, = tokens on target positions, -100 on prompt and padding
+                    (unshifted: the logits at position t-1 predict labels[t])
+    prompt_end      (B,) long, index of each row's last prompt token in the padded layout
+                    (where SCEN reads its routing features); -1 if the row has no prompt
+    """
+    tokens: "object"
+    attention_mask: "object"
+    labels: "object"
+    prompt_end: "object"
+
+
+def collate(seqs, pad_id: int, side: str = "right", target_starts=None) -> Batch:
+    """Pad token lists into a Batch.
+
+    seqs           list of token-id lists, or list of Encoded
+    pad_id         padding id (use the tokenizer's pad id, else EOS)
+    side           "right" (training, teacher forcing) or "left" (generation)
+    target_starts  per row, the index of the first target token (taken from Encoded when given);
+                   None and plain lists: every non-pad token is a label (language modelling)
+    """
+    import torch
+    if side not in ("left", "right"):
+        raise ValueError(f"side: {side!r} is not 'left' or 'right'")
+    if not seqs:
+        raise ValueError("collate: no sequences")
+    if target_starts is None and isinstance(seqs[0], Encoded):
+        target_starts = [e.target_start for e in seqs]
+    ids = [list(e.ids) if isinstance(e, Encoded) else list(e) for e in seqs]
+    if any(len(s) == 0 for s in ids):
+        raise ValueError("collate: empty sequence")
+    if target_starts is None:
+        target_starts = [0] * len(ids)
+    T = max(len(s) for s in ids)
+    B = len(ids)
+    tokens = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    pend = torch.zeros(B, dtype=torch.long)
+    for i, (s, ts) in enumerate(zip(ids, target_starts)):
+        off = 0 if side == "right" else T - len(s)
+        row = torch.tensor(s, dtype=torch.long)
+        tokens[i, off:off + len(s)] = row
+        mask[i, off:off + len(s)] = 1
+        labels[i, off + ts:off + len(s)] = row[ts:]
+        pend[i] = off + ts - 1 if ts > 0 else -1
+    return Batch(tokens, mask, labels, pend)
+
+
+# --------------------------------------------------------------------------------------------
+# The demo world
+# --------------------------------------------------------------------------------------------
+DEMO_VERSION = "demo-world-1"
+
+# Phrasings per relation: QA questions (SCEN, [INST] template) and completion prompts with the
+# subject inside (NSE, raw template). The first of each list is the edit prompt, the others are
+# its rephrases.
+DEMO_RELATIONS = {
+    "born_in": {"subject": "person", "object": "city",
+                "qa": ["Where was {s} born?", "In which city was {s} born?",
+                       "What is the birthplace of {s}?"],
+                "completion": ["{s} was born in", "The birthplace of {s} is"]},
+    "works_for": {"subject": "person", "object": "org",
+                  "qa": ["Who does {s} work for?", "Which company employs {s}?",
+                         "What is the employer of {s}?"],
+                  "completion": ["{s} works for", "{s} is employed by"]},
+    "speaks": {"subject": "person", "object": "language",
+               "qa": ["What language does {s} speak?", "Which language is spoken by {s}?",
+                      "What is the mother tongue of {s}?"],
+               "completion": ["{s} speaks the language", "The mother tongue of {s} is"]},
+    "based_in": {"subject": "org", "object": "city",
+                 "qa": ["Where is {s} based?", "In which city is {s} headquartered?",
+                        "Where are the offices of {s}?"],
+                 "completion": ["{s} is based in", "The headquarters of {s} are in"]},
+    "in_country": {"subject": "city", "object": "country",
+                   "qa": ["Which country is {s} in?", "In which country is {s} located?",
+                          "What country does {s} belong to?"],
+                   "completion": ["{s} is a city in", "{s} is located in"]},
+    "capital": {"subject": "country", "object": "city",
+                "qa": ["What is the capital of {s}?", "Which city is the capital of {s}?",
+                       "Where is the government of {s}?"],
+                "completion": ["The capital of {s} is", "The capital city of {s} is"]},
+}
+
+_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr",
+           "gr", "kr", "st", "th", "sh", "tr"]
+_VOWELS = ["a", "e", "i", "o", "u", "ai", "ou", "ea"]
+_CODAS = ["", "", "n", "r", "l", "s", "th", "m", "k"]
+
+
+@dataclass
+class DemoFact:
+    subject: str
+    relation: str
+    answer: str
+
+
+@dataclass
+class DemoWorld:
+    """Everything the demo needs, all derived from the seed.
+
+    facts        every fact of the world
+    train        QA records (llama2 template) and completion records (raw template) of every
+                 fact in every phrasing: meta["style"] = "qa" | "completion"; target_new = the
+                 true answer. The demo model is trained on all of them.
+    edits_qa     SCEN-style edits: question -> counterfactual answer; rephrases = the other
+                 questions of the relation; locality = questions about unedited facts.
+    edits_cf     NSE/CounterFact-style edits: completion prompt with the subject inside ->
+                 counterfactual answer, target_true, rephrases = the other completion prompt,
+                 locality = neighbours (unedited subjects with the same relation, preferably the
+                 same true answer, never target_new as their answer) with their true answers.
+    loc_qa       QA records of facts no edit touches (D_loc for the "still correct" Locality)
+    corpus       plain sentences stating the facts (text statistics, e.g. NSE's covariance)
+    """
+    seed: int
+    facts: list[DemoFact]
+    train: list[EditRecord]
+    edits_qa: list[EditRecord]
+    edits_cf: list[EditRecord]
+    loc_qa: list[EditRecord]
+    corpus: list[str]
+
+
+def _make_names(rng: random.Random, k: int, syllables: tuple[int, int], taken: set,
+                suffixes=("",)) -> list[str]:
+    out = []
+    while len(out) < k:
+        n = rng.randint(*syllables)
+        w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+                    for _ in range(n)) + rng.choice(suffixes)
+        w = w.capitalize()
+        if len(w) < 4 or w in taken or any(w in t or t in w for t in taken):
+            continue
+        taken.add(w)
+        out.append(w)
+    return out
+
+
+def demo_world(seed: int = 0, n_people: int = 40, n_countries: int = 5, cities_per_country: int = 3,
+               n_orgs: int = 10, n_edits: int = 30, n_locality: int = 2) -> DemoWorld:
+    """Generate the demo world deterministically from `seed` (same seed -> same world).
+
+    Entities: invented countries (each with a language and `cities_per_country` cities, the
+    first being the capital), organisations based in cities, and people born in a city,
+    working for an organisation and speaking a language. Relations and phrasings: see
+    DEMO_RELATIONS. Edits: `n_edits` facts of distinct subjects, each given another value of
+    the same kind as its counterfactual target.
+    """
+    rng = random.Random(seed)
+    taken: set = set()
+    countries = _make_names(rng, n_countries, (2, 2), taken, ("ia", "and", "ora"))
+    languages = []
+    for c in countries:
+        stem = c[:-3] if c.endswith(("ora", "and")) else c[:-2]
+        lang = stem + rng.choice(["ish", "ese", "ic"])
+        while lang in taken:
+            lang = stem + "ian"
+        taken.add(lang)
+        languages.append(lang)
+    cities = _make_names(rng, n_countries * cities_per_country, (2, 3), taken)
+    org_heads = _make_names(rng, n_orgs, (2, 2), taken)
+    orgs = [h + " " + rng.choice(["Works", "Institute", "Mills", "Bank", "Press", "Labs"])
+            for h in org_heads]
+    firsts = _make_names(rng, n_people, (2, 2), taken)
+    lasts = _make_names(rng, n_people, (2, 3), taken)
+    people = [f + " " + l for f, l in zip(firsts, lasts)]
+
+    facts: list[DemoFact] = []
+    city_country = {}
+    for i, c in enumerate(countries):
+        cs = cities[i * cities_per_country:(i + 1) * cities_per_country]
+        facts.append(DemoFact(c, "capital", cs[0]))
+        for x in cs:
+            city_country[x] = c
+            facts.append(DemoFact(x, "in_country", c))
+    for o in orgs:
+        facts.append(DemoFact(o, "based_in", rng.choice(cities)))
+    for p in people:
+        facts.append(DemoFact(p, "born_in", rng.choice(cities)))
+        facts.append(DemoFact(p, "works_for", rng.choice(orgs)))
+        facts.append(DemoFact(p, "speaks", rng.choice(languages)))
+    values = {"city": cities, "org": orgs, "language": languages, "country": countries}
+
+    def qa(f, k):
+        return DEMO_RELATIONS[f.relation]["qa"][k].format(s=f.subject)
+
+    def comp(f, k):
+        return DEMO_RELATIONS[f.relation]["completion"][k].format(s=f.subject)
+
+    train, corpus = [], []
+    for f in facts:
+        rel = DEMO_RELATIONS[f.relation]
+        for k in range(len(rel["qa"])):
+            train.append(EditRecord(qa(f, k), f.answer, subject=f.subject,
+                                    meta={"style": "qa", "relation": f.relation, "phrasing": k}))
+        for k in range(len(rel["completion"])):
+            train.append(EditRecord(comp(f, k), f.answer, subject=f.subject,
+                                    meta={"style": "completion", "relation": f.relation,
+                                          "phrasing": k}))
+            corpus.append(f"{comp(f, k)} {f.answer}.")
+
+    # edits: person facts first (the richest relations), distinct subjects, shuffled
+    order = list(range(len(facts)))
+    rng.shuffle(order)
+    order.sort(key=lambda i: facts[i].relation not in ("born_in", "works_for", "speaks"))
+    chosen, used = [], set()
+    for i in order:
+        if facts[i].subject not in used and len(chosen) < n_edits:
+            chosen.append(i)
+            used.add(facts[i].subject)
+    edited = set(chosen)
+    unedited = [i for i in range(len(facts)) if facts[i].subject not in used]
+    edits_qa, edits_cf = [], []
+    for i in chosen:
+        f = facts[i]
+        rel = DEMO_RELATIONS[f.relation]
+        new = rng.choice([v for v in values[rel["object"]] if v != f.answer])
+        loc_idx = rng.sample(unedited, min(n_locality, len(unedited)))
+        meta = {"relation": f.relation, "fact": i}
+        edits_qa.append(EditRecord(qa(f, 0), new, f.answer, f.subject,
+                                   [qa(f, k) for k in range(1, len(rel["qa"]))],
+                                   [(qa(facts[j], 0), facts[j].answer) for j in loc_idx],
+                                   [], dict(meta, style="qa")))
+        same = [j for j in unedited if facts[j].relation == f.relation and facts[j].answer == f.answer]
+        other = [j for j in unedited if facts[j].relation == f.relation
+                 and facts[j].answer not in (f.answer, new)]
+        neigh = rng.sample(same, min(n_locality, len(same)))
+        neigh += rng.sample(other, min(len(other), n_locality - len(neigh)))
+        edits_cf.append(EditRecord(comp(f, 0), new, f.answer, f.subject,
+                                   [comp(f, k) for k in range(1, len(rel["completion"]))],
+                                   [(comp(facts[j], 0), facts[j].answer) for j in neigh],
+                                   [], dict(meta, style="completion")))
+    loc_qa = [EditRecord(qa(facts[j], 0), facts[j].answer, subject=facts[j].subject,
+                         meta={"relation": facts[j].relation, "fact": j, "style": "qa"})
+              for j in range(len(facts)) if j not in edited and facts[j].subject not in used]
+    return DemoWorld(seed, facts, train, edits_qa, edits_cf, loc_qa, corpus)
