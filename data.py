@@ -40,12 +40,14 @@ Nothing here imports torch except `collate`.
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
+
+import torch
+
+import llama
 
 FORMATS = ("zsre", "easyedit", "counterfact", "hallucination", "jsonl")
 TEMPLATES = ("raw", "llama2", "chatml")
@@ -440,19 +442,7 @@ def load_edits(path, format: str | None = None, *, zsre_target: str = "answers",
 
 def atomic_write_text(path, text: str) -> None:
     """Write `text` to `path` atomically (temporary file in the same folder + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    llama.atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def save_jsonl(records, path) -> None:
@@ -499,7 +489,6 @@ class Template:
             return prompt
         if self.kind == "llama2":
             return f"[INST]{prompt}[/INST]"
-        import llama
         if getattr(tokenizer, "chat_format", None) != "chatml":
             raise ValueError(f"template chatml: this tokenizer's chat format is "
                              f"{getattr(tokenizer, 'chat_format', None)!r}, not chatml")
@@ -653,7 +642,6 @@ def collate(seqs, pad_id: int, side: str = "right", target_starts=None) -> Batch
     target_starts  per row, the index of the first target token (taken from Encoded when given);
                    None and plain lists: every non-pad token is a label (language modelling)
     """
-    import torch
     if side not in ("left", "right"):
         raise ValueError(f"side: {side!r} is not 'left' or 'right'")
     if not seqs:

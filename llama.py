@@ -543,12 +543,18 @@ def load_checkpoint(ckpt_dir, device="cpu", dtype=torch.float32) -> Llama:
     return model
 
 
-def _atomic_write(path: Path, write_fn):
-    """Write to a temp file in the same folder, then rename over the target (never half a file)."""
+def atomic_write(path, write_fn):
+    """Call write_fn(tmp_path) on a temp file in the same folder, then rename it over `path`:
+    a reader sees the old file or the new one, never half of one. Permissions follow the umask."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write_fn(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)                 # mkstemp makes 0600 files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -557,7 +563,7 @@ def _atomic_write(path: Path, write_fn):
 
 def write_json(path, obj):
     path = Path(path)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
@@ -589,7 +595,7 @@ def save_checkpoint(model: Llama, out_dir, tokenizer_dir=None, dtype=None, max_s
     names = (["model.safetensors"] if len(groups) == 1 else
              [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
     for fname, group in zip(names, groups):
-        _atomic_write(out_dir / fname, lambda tmp, g=group: save_file({n: tensors[n] for n in g}, tmp,
+        atomic_write(out_dir / fname, lambda tmp, g=group: save_file({n: tensors[n] for n in g}, tmp,
                                                                        metadata={"format": "pt"}))
     index = out_dir / "model.safetensors.index.json"
     if len(groups) > 1:
@@ -607,7 +613,7 @@ def save_checkpoint(model: Llama, out_dir, tokenizer_dir=None, dtype=None, max_s
         for fname in TOKENIZER_FILES:
             src = Path(tokenizer_dir) / fname
             if src.is_file():
-                _atomic_write(out_dir / fname, lambda tmp, s=src: Path(tmp).write_bytes(s.read_bytes()))
+                atomic_write(out_dir / fname, lambda tmp, s=src: Path(tmp).write_bytes(s.read_bytes()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -739,10 +745,10 @@ class BPETokenizer(Tokenizer):
         model = d.get("model") or {}
         if model.get("type") != "BPE":
             refuse("model.type", model.get("type"))
-        for field, ok in [("dropout", (None, 0, 0.0)), ("continuing_subword_prefix", (None, "")),
-                          ("end_of_word_suffix", (None, "")), ("byte_fallback", (None, False)), ("fuse_unk", (None, False))]:
-            if model.get(field) not in ok:
-                refuse(f"model.{field}", model.get(field))
+        for key, ok in [("dropout", (None, 0, 0.0)), ("continuing_subword_prefix", (None, "")),
+                        ("end_of_word_suffix", (None, "")), ("byte_fallback", (None, False)), ("fuse_unk", (None, False))]:
+            if model.get(key) not in ok:
+                refuse(f"model.{key}", model.get(key))
         self.vocab = model["vocab"]                                    # token string -> id
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
         self.ranks = {pair: r for r, pair in enumerate(merges)}        # pair -> priority

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 import data
 import eval as evaluation
+import llama
 
 # --------------------------------------------------------------------------------------------
 # Configuration of a fresh model
@@ -54,7 +55,6 @@ TINY = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_att
 
 def tiny_config(tokenizer, **overrides):
     """LlamaConfig of a small Llama (TINY, overridable) sized to the tokenizer's vocabulary."""
-    import llama
     kw = dict(TINY, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
               eos_token_id=[tokenizer.eos_id] if tokenizer.eos_id is not None else [],
               pad_token_id=tokenizer.pad_id)
@@ -173,14 +173,7 @@ def _save_optimizer(opt, path: Path, meta: dict) -> None:
     tensors = {f"{i}.{k}": v.detach().cpu().contiguous().reshape(v.shape)
                for i, st in sd["state"].items() for k, v in st.items() if torch.is_tensor(v)}
     md = {"param_groups": json.dumps(sd["param_groups"]), "meta": json.dumps(meta)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=md)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    llama.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=md))
 
 
 def _load_optimizer(opt, path: Path) -> dict:
@@ -442,7 +435,6 @@ def ensure_demo(cache_dir=None, *, force: bool = False, log=print, threads: int 
     threads: torch CPU threads while building (restored afterwards); on a machine busy with other
     jobs, 1 thread is much faster than 2 fighting for the same cores.
     """
-    import llama
     world = data.demo_world(DEMO_SEED)
     key = _demo_key(world)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -573,7 +565,6 @@ def main(argv=None):
         for k in ("ckpt", "edits_qa", "edits_cf", "loc_qa", "corpus"):
             print(f"  {k}: {paths[k]}")
         return paths
-    import llama
     if not args.data or not args.out:
         ap.error("--data and --out are required (or --demo)")
     if bool(args.ckpt) == bool(args.init):
