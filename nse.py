@@ -1,0 +1,675 @@
+"""
+nse.py: NSE, neuron-level sequential editing (Jiang et al. 2024), with sequential MEMIT as the baseline.
+
+An edit request is (prompt containing a subject, new target). Per batch of requests:
+  1. z      target hidden state at the output of block l0 (the last edited layer), at the subject's
+            last token, optimised on the ORIGINAL weights ("weights rewinding", NSE Fig. 2a).
+  2. keys   down-projection inputs k at the subject's last token on the current model.
+  3. update for each edited layer, bottom to top: pick the neurons that carry the batch's keys
+            (NSE Fig. 2b), spread the remaining residual z - h over the layers left, solve the
+            regularised normal equations on those columns of W_down; repeat while requests are
+            still far from z (NSE Fig. 2c, the alpha / upper_bound rule).
+  4. Cp     accumulate K K^T of the batch, so later batches protect earlier edits.
+C0 = E[k k^T] over a text corpus is the prior that protects everything else; it is computed on the
+unedited model once and cached as safetensors under --cache-dir (key: checkpoint weights, layer,
+corpus, token count). MEMIT (--method memit): all neurons, no rewinding, one pass.
+Step numbers ("step 1".."step 5") refer to the NSE section of shared/docs/METHODS.md.
+
+    python nse.py                                    # the demo world, end to end
+    python nse.py --ckpt DIR --edits counterfact-edit.json --n 200 --batch-size 20 --out runs/nse
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import data
+import llama
+from llama import load_tokenizer
+
+
+class EditError(ValueError):
+    """A request or setting that cannot be edited; the message names the request and field."""
+
+
+@dataclass
+class HParams:
+    layers: list[int]              # edited layers, ascending; z lives at the output of the last (l0)
+    lam: float = 2500.0            # lambda (mom2_update_weight): weight of the corpus prior C0
+    v_lr: float = 0.5              # Adam lr of delta
+    v_steps: int = 25              # at most this many z steps
+    clamp: float = 0.75            # ||delta|| <= clamp * ||h||
+    v_weight_decay: float = 0.5
+    kl_factor: float = 0.0625
+    alpha: float = 30.0            # a request with ||z - h|| <= alpha is done
+    upper_bound: float = 200.0     # ... and one above upper_bound is left alone (and reported)
+    max_iterations: int = 3
+    neuron_threshold: float = 1.0  # share of the |K| mass the selected neurons must hold
+    loss_stop: float = 5e-2
+    method: str = "nse"            # or "memit"
+
+
+# ----------------------------------------------------------------------------------------------
+# Requests as token rows
+
+def check_requests(records, where="requests"):
+    """Refuse, before any work, a request NSE cannot edit (one line naming the request and field)."""
+    for i, r in enumerate(records):
+        src = r.meta.get("source", f"{where}[{i}]")
+        if not r.target_new.strip():
+            raise EditError(f"{src}: target_new: empty target")
+        if not r.subject or r.subject not in r.prompt:
+            raise EditError(f"{src}: subject: {r.subject!r} does not occur in the prompt {r.prompt!r}")
+
+
+def context_templates(model, tok, seed: int, n: int = 5, length: int = 10) -> list[str]:
+    """NSE/MEMIT context prefixes: "{}" plus n short top-5 samples after "The", "Therefore", ..."""
+    g = torch.Generator().manual_seed(seed)
+    starts = ["The", "Therefore", "Because", "I", "You"][:n]
+    ids = [tok.encode(s) for s in starts]
+    new = llama.generate(model, ids, length - max(len(i) for i in ids), temperature=1.0, top_k=5,
+                         eos_ids=[], generator=g)
+    texts = [tok.decode(i + j, skip_special=True).replace("{", " ").replace("}", " ") for i, j in zip(ids, new)]
+    return ["{}"] + [t.replace("\n", " ") + ". {}" for t in texts]
+
+
+def subject_row(tok, text: str, subject: str, start: int = 0):
+    """Token ids of `text` cut after the subject, and the index of the subject's last token."""
+    end = text.index(subject, start) + len(subject)
+    ids = tok.encode(text[:end])
+    return ids, len(ids) - 1
+
+
+def key_rows(tok, records, templates):
+    """Rows ending at the subject's last token: every context template of every request."""
+    rows = []
+    for r in records:
+        for c in templates:
+            rows.append(subject_row(tok, c.format(r.prompt), r.subject, c.index("{}")))
+    return rows
+
+
+def pad_right(seqs, pad_id=0):
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 5: C0 = E[k k^T] over a corpus, per edited layer, cached on disk
+
+def weights_fingerprints(model, layers) -> dict:
+    """{l: hash of the weights that determine layer l's keys (embeddings, blocks 0..l)}, each
+    tensor hashed once (a 7B model's first 9 blocks are 3.6 GB)."""
+    def digest(module):
+        h = hashlib.blake2b(digest_size=16)
+        for name, p in module.named_parameters():
+            h.update(name.encode())
+            h.update(p.detach().contiguous().view(torch.uint8).numpy())
+        return h.digest()
+    chain, out = [digest(model.model.embed_tokens)], {}
+    for i in range(max(layers) + 1):
+        chain.append(digest(model.layers[i]))
+        if i in layers:
+            out[i] = hashlib.blake2b(b"".join(chain), digest_size=16).hexdigest()
+    return out
+
+
+def corpus_chunks(tok, text: str, n_tokens: int, chunk: int):
+    """Consecutive token chunks of the corpus (split at line ends), n_tokens in all."""
+    chunks, cur, total = [], [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        cur += tok.encode(line + "\n", bos=False)
+        while len(cur) >= chunk and total < n_tokens:
+            take = cur[:min(chunk, n_tokens - total)]
+            chunks.append(take)
+            total += len(take)
+            cur = cur[chunk:]
+        if total >= n_tokens:
+            return chunks
+    if cur and total < n_tokens:
+        chunks.append(cur[:n_tokens - total])
+    return chunks
+
+
+@torch.no_grad()
+def key_second_moment(model, tok, text: str, layers, n_tokens: int, chunk: int = 512, batch: int = 4):
+    """C0[l] = (1/N) sum_t k_t k_t^T over every token of the corpus (step 5; MEMIT Eq. 'C0 = K0 K0^T')."""
+    F_ = model.config.intermediate_size
+    acc = {l: torch.zeros(F_, F_) for l in layers}              # float32: 7B needs 485 MB per layer
+    seqs = corpus_chunks(tok, text, n_tokens, chunk)
+    n = 0
+    for b in range(0, len(seqs), batch):
+        ids, mask = pad_right(seqs[b:b + batch])
+        trace = llama.Trace()
+        model.run_layers(model.embed(ids.to(model.device)), 0, max(layers) + 1, mask.to(model.device), trace=trace)
+        keep = mask.bool().to(model.device)
+        for l in layers:
+            k = trace.ffn_in[l][keep].float()                            # (tokens, F)
+            acc[l] += (k.T @ k).cpu()                                    # sum_t k_t k_t^T
+        n += int(keep.sum())
+    if n == 0:
+        raise EditError("stats text: no tokens to compute C0 from")
+    return {l: acc[l].div_(n) for l in layers}, n
+
+
+def load_or_compute_c0(model, tok, text_path, layers, n_tokens, cache_dir, chunk=512, log=print):
+    """C0 per layer from the cache when its key matches exactly, else computed and cached atomically."""
+    text = Path(text_path).read_text(encoding="utf-8")
+    corpus = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    out, missing, paths = {}, [], {}
+    fingerprints = weights_fingerprints(model, layers)
+    for l in layers:
+        key = dict(weights=fingerprints[l], layer=l, corpus=corpus, n_tokens=n_tokens, chunk=chunk)
+        name = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=12).hexdigest()
+        paths[l] = (Path(cache_dir) / f"c0-layer{l}-{name}.safetensors", key)
+        if paths[l][0].exists():
+            out[l] = load_file(paths[l][0])["C0"]
+        else:
+            missing.append(l)
+    if missing:
+        t0 = time.perf_counter()
+        C0, n = key_second_moment(model, tok, text, missing, n_tokens, chunk)
+        log(f"C0: layers {missing}, {n} tokens of {Path(text_path).name}, {time.perf_counter() - t0:.0f} s")
+        for l in missing:
+            path, key = paths[l]
+            meta = {k: str(v) for k, v in key.items()} | {"tokens_used": str(n)}
+            atomic_save({"C0": C0[l].contiguous()}, path, meta)
+            out[l] = C0[l]
+    return out
+
+
+def atomic_save(tensors: dict, path: Path, metadata: dict | None = None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 1: target values z, computed on the original weights (weights rewinding)
+
+class rewound:
+    """Context manager: the edited layers' original down projections are in place inside it."""
+
+    def __init__(self, model, W0: dict | None):
+        self.model, self.W0, self.saved = model, W0 or {}, {}
+
+    def __enter__(self):
+        for l, w in self.W0.items():
+            p = self.model.layers[l].mlp.down_proj.weight
+            self.saved[l] = p.data
+            p.data = w.to(p.dtype)
+
+    def __exit__(self, *exc):
+        for l, w in self.saved.items():
+            self.model.layers[l].mlp.down_proj.weight.data = w
+
+
+def z_rows(tok, records, templates):
+    """Per request: every context template with the target appended (NLL rows), then the subject
+    alone (KL row: the official code reads the KL distribution at the subject's last token)."""
+    tmpl = data.Template("raw")
+    rows = []   # (ids, subject index, target start, target end, request, is_kl)
+    for i, r in enumerate(records):
+        for c in templates:
+            text = c.format(r.prompt)
+            enc = data.encode_prompt_target(tok, tmpl, text, r.target_new)
+            _, s = subject_row(tok, text, r.subject, c.index("{}"))
+            if enc.target_start <= s:
+                raise EditError(f"request {i}: the target must come after the subject in {r.prompt!r}")
+            rows.append((enc.ids[:enc.target_end], s, enc.target_start, enc.target_end, i, False))
+        ids, s = subject_row(tok, f"{r.subject} is a", r.subject)
+        rows.append((ids, s, None, None, i, True))
+    return rows
+
+
+def upper_blocks(model, h, start, end, mask, pos, cache):
+    """Blocks start..end-1 with gradients to h. With weights narrower than the compute dtype (bf16
+    weights, fp32 compute) autograd would keep a widened fp32 copy of every weight (19 GB above
+    layer 8 of a 7B model), so each block but the last is checkpointed: recomputed in backward."""
+    if model.layers[start].mlp.down_proj.weight.dtype == h.dtype:
+        return model.run_layers(h, start, end, mask, pos, cache=cache)
+    from torch.utils.checkpoint import checkpoint
+    length = cache.length
+
+    def block(x, i):
+        x = model.run_layers(x, i, i + 1, mask, pos, cache=cache)
+        cache.length = length          # the last block advances the cache: keep it for the recompute
+        return x
+    for i in range(start, end - 1):
+        h = checkpoint(block, h, i, use_reentrant=False)
+    return block(h, end - 1)
+
+
+def compute_z(model, tok, records, templates, hp: HParams, log=None):
+    """z_i = h_i + delta_i, delta_i = argmin  mean_c NLL(target | c + prompt; h_l0[s] += delta)
+                                             + kl_factor KL(p_0 || p_delta)("{subject}" next token)
+                                             + v_weight_decay ||delta|| / ||h||^2,
+    s.t. ||delta|| <= clamp ||h||  (step 1; ROME/MEMIT's z objective). Adam, early stop per request.
+
+    Speed: the tokens before each subject's last token never see delta, so rows are split there:
+    the prefix (left-padded, aligned) runs once through all blocks into a KV cache, the suffix
+    runs blocks 0..l0 once without grad, and each step runs only the suffix through blocks l0+1..L-1
+    with the LM head only at the loss positions. The whole batch shares one forward/backward."""
+    cfg, dev, l0, L = model.config, model.device, hp.layers[-1], model.config.num_hidden_layers
+    rows = z_rows(tok, records, templates)
+    n, R = len(records), len(rows)
+    P = max(r[1] for r in rows)                                  # prefix length (aligned subject)
+    suffix = [r[0][r[1]:] for r in rows]
+    Ts = max(len(s) for s in suffix)
+    pre = torch.zeros(R, P, dtype=torch.long); pre_mask = torch.zeros(R, P, dtype=torch.long)
+    for j, r in enumerate(rows):                                 # left-pad the prefixes
+        if r[1]:
+            pre[j, P - r[1]:], pre_mask[j, P - r[1]:] = torch.tensor(r[0][:r[1]]), 1
+    suf, suf_mask = pad_right(suffix)
+    suf_pos = pre_mask.sum(1, keepdim=True) + torch.arange(Ts)[None]          # (R, Ts) rope positions
+    req = torch.tensor([r[4] for r in rows])
+    kl_rows = torch.tensor([j for j, r in enumerate(rows) if r[5]])           # one per request, in order
+    # loss positions (suffix coordinates): logits at t-1 predict target token t
+    lrow, lcol, ltok, lw = [], [], [], []
+    n_ctx = len(templates)
+    for j, r in enumerate(rows):
+        if not r[5]:
+            for t in range(r[2], r[3]):
+                lrow.append(j); lcol.append(t - 1 - r[1]); ltok.append(r[0][t])
+                lw.append(1.0 / ((r[3] - r[2]) * n_ctx))     # mean over tokens, then over contexts
+    lrow, lcol, ltok, lw = map(torch.tensor, (lrow, lcol, ltok, lw))
+    pre, pre_mask, suf, suf_mask, suf_pos = (t.to(dev) for t in (pre, pre_mask, suf, suf_mask, suf_pos))
+    with torch.no_grad():                                        # everything that does not see delta
+        cache = llama.KVCache(cfg, R, P + Ts, device=dev, dtype=model.dtype)
+        if P:
+            model.run_layers(model.embed(pre), 0, L, pre_mask, cache=cache)
+        h0 = model.run_layers(model.embed(suf), 0, l0 + 1, suf_mask, suf_pos, cache=cache)  # (R, Ts, D)
+    bare = torch.tensor([j for j, r in enumerate(rows) if not r[5] and j % (n_ctx + 1) == 0])
+    h_init = h0[bare, 0].detach().float()                        # (n, D): h at the subject, bare prompt
+    max_norm = hp.clamp * h_init.norm(dim=1)
+    delta = torch.zeros(n, cfg.hidden_size, device=dev, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hp.v_lr)
+    z, steps = h_init.clone(), torch.zeros(n, dtype=torch.long)
+    active = torch.ones(n, dtype=torch.bool)
+    kl_init = None
+    for step in range(hp.v_steps):
+        rsel = active[req].nonzero().squeeze(1)                  # rows of requests still optimising
+        new_id = torch.full((R,), -1, dtype=torch.long); new_id[rsel] = torch.arange(len(rsel))
+        sub = llama.KVCache(cfg, 0, 0)
+        sub.k = [c[rsel] if i > l0 else None for i, c in enumerate(cache.k)]
+        sub.v = [c[rsel] if i > l0 else None for i, c in enumerate(cache.v)]
+        sub.key_mask, sub.length = cache.key_mask[rsel].clone(), P
+        d = delta[req[rsel]].to(h0.dtype)                        # (rows, D)
+        h = torch.cat([h0[rsel, :1] + d[:, None], h0[rsel, 1:]], 1)
+        out = upper_blocks(model, h, l0 + 1, L, suf_mask[rsel], suf_pos[rsel], sub)
+        keep = active[req[lrow]]
+        logp = model.head(out[new_id[lrow[keep]], lcol[keep]]).float().log_softmax(-1)   # (N, V)
+        tok_nll = -logp.gather(1, ltok[keep].to(dev)[:, None])[:, 0] * lw[keep].to(dev)
+        nll = torch.zeros(n, device=dev).index_add(0, req[lrow[keep]].to(dev), tok_nll)
+        kl_logp = model.head(out[new_id[kl_rows[active]], 0]).float().log_softmax(-1)
+        if kl_init is None:
+            kl_init = kl_logp.detach()
+        kl = torch.zeros(n, device=dev)
+        kl[active] = F.kl_div(kl_logp, kl_init[active], log_target=True, reduction="none").sum(1)
+        wd = hp.v_weight_decay * delta.norm(dim=1) / h_init.norm(dim=1) ** 2
+        loss = nll + hp.kl_factor * kl + wd                      # (n,), meaningful where active
+        steps[active] += 1
+        done = active & (loss.detach().cpu() < hp.loss_stop)
+        z[done] = h_init[done] + delta.detach()[done]
+        active = active & ~done
+        if not active.any() or step == hp.v_steps - 1:
+            break
+        opt.zero_grad()
+        loss[active].sum().backward()
+        opt.step()
+        with torch.no_grad():                                    # project into the L2 ball
+            scale = (max_norm / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+            delta.mul_(scale[:, None])
+    z[active] = h_init[active] + delta.detach()[active]
+    return z.cpu(), h_init.cpu(), {"steps": steps.tolist(), "final_loss": loss.detach().tolist()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 2: keys and the current hidden state at the subject
+
+@torch.no_grad()
+def subject_states(model, tok, records, templates, layers, z_layer):
+    """K[l] (F, n): 0.5 * k(bare prompt) + 0.5 * mean_c k(c + prompt) at the subject's last token
+    (step 2), and H (n, D): the output of block z_layer there, on the bare prompt."""
+    rows = key_rows(tok, records, templates)
+    ids, mask = pad_right([r[0] for r in rows])
+    trace = llama.Trace()
+    top = max(list(layers) + [z_layer]) + 1
+    model.run_layers(model.embed(ids.to(model.device)), 0, top, mask.to(model.device), trace=trace)
+    pos = torch.tensor([r[1] for r in rows])
+    c = len(templates)
+    K = {}
+    for l in layers:
+        k = trace.ffn_in[l][torch.arange(len(rows)), pos].float().view(len(records), c, -1)  # (n, c, F)
+        k = 0.5 * k[:, 0] + 0.5 * k[:, 1:].mean(1) if c > 1 else k[:, 0]
+        K[l] = k.T.contiguous().cpu()                                                    # (F, n)
+    H = trace.hidden[z_layer][torch.arange(len(rows)), pos].float().view(len(records), c, -1)[:, 0]
+    return K, H.cpu()          # the solves run on the CPU in float64, next to C0 and Cp
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 3: neuron selection and the restricted closed-form update
+
+def select_neurons(K: torch.Tensor, threshold: float) -> torch.Tensor:
+    """S = the smallest set of neurons j, by descending Q_j = sum_i |K_ji|, whose Q mass reaches
+    `threshold` of the total (NSE Fig. 2b). Neurons with Q_j = 0 are never selected."""
+    Q = K.abs().sum(1)                                           # (F,)
+    order = Q.argsort(descending=True)
+    cum = Q[order].double().cumsum(0)
+    m = int((cum < threshold * cum[-1] * (1 - 1e-12)).sum()) + 1
+    m = min(m, int((Q > 0).sum()))
+    return order[:max(m, 1)].sort().values
+
+
+def solve_update(R, K_S, C0_SS, Cp_SS, lam: float) -> torch.Tensor:
+    """dW_S = R K_S^T (lam C0[S,S] + Cp[S,S] + K_S K_S^T)^-1  (MEMIT Eq. 14 restricted to the
+    columns S, NSE Fig. 2b): the minimiser of ||dW_S K_S - R||^2 + tr(dW_S (lam C0 + Cp) dW_S^T).
+    R (D, n), K_S (|S|, n). Solve the normal equations in float64 by Cholesky, built in place (a 7B
+    layer's system is 11008^2); a ridge is added only if the matrix is not positive definite.""" 
+    K64 = K_S.double()
+    A = C0_SS.double().mul_(lam)                                 # (|S|, |S|)
+    A += Cp_SS
+    A.addmm_(K64, K64.T)
+    return torch.cholesky_solve(K64 @ R.double().T, cholesky_ridged(A)).T   # (D, |S|)
+
+
+def cholesky_ridged(A: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of A (modified in place); if A is not positive definite (C0 from fewer tokens
+    than neurons, float32 rounding), add a ridge of 1e-6, 1e-4, ... times its mean diagonal."""
+    L, info = torch.linalg.cholesky_ex(A)
+    ridge, eps = A.diagonal().mean().item(), 1e-6
+    while info.item() > 0:
+        A.diagonal().add_(eps * ridge)
+        L, info = torch.linalg.cholesky_ex(A)
+        eps *= 100
+    return L
+
+
+def restrict(C: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """C[S, S] (no copy when S is every neuron)."""
+    return C if len(S) == C.shape[0] else C[S][:, S]
+
+
+@dataclass
+class EditState:
+    """What sequential editing carries across batches: W0 (original down projections of the
+    edited layers, for rewinding), Cp (sum of K K^T of every edited request), progress."""
+    W0: dict
+    Cp: dict
+    n_done: int = 0
+    log: list = field(default_factory=list)
+
+    @classmethod
+    def fresh(cls, model, layers):
+        F_ = model.config.intermediate_size
+        return cls({l: model.layers[l].mlp.down_proj.weight.detach().clone() for l in layers},
+                   {l: torch.zeros(F_, F_) for l in layers})
+
+
+def edit_batch(model, tok, records, templates, hp: HParams, state: EditState, C0: dict, timer: dict):
+    """One sequential batch (steps 1-4). Returns the batch log: passes, residuals, requests left."""
+    model.requires_grad_(False)
+    nse, l0, layers = hp.method == "nse", hp.layers[-1], hp.layers
+    t = time.perf_counter()
+    with rewound(model, state.W0 if nse else None):              # MEMIT: z on the current weights
+        Z, h_init, zlog = compute_z(model, tok, records, templates, hp)
+    timer["z"] = timer.get("z", 0.0) + time.perf_counter() - t
+    blog = {"z_steps": zlog["steps"], "passes": []}
+    for it in range(hp.max_iterations if nse else 1):
+        t = time.perf_counter()
+        _, H = subject_states(model, tok, records, templates, [], l0)
+        r = (Z - H).norm(dim=1)                                  # ||z_i - h_i||
+        sel = ((r > hp.alpha) & (r < hp.upper_bound)) if nse else torch.ones(len(records), dtype=torch.bool)
+        timer["keys"] = timer.get("keys", 0.0) + time.perf_counter() - t
+        p = {"r_mean": r.mean().item(), "edited": int(sel.sum()), "below_alpha": int((r <= hp.alpha).sum()),
+             "above_upper": int((r >= hp.upper_bound).sum()), "neurons": []}
+        blog["passes"].append(p)
+        if not sel.any():
+            break
+        chosen = [rec for rec, s in zip(records, sel) if s]
+        for j, l in enumerate(layers):
+            t = time.perf_counter()
+            K, H = subject_states(model, tok, chosen, templates, [l], l0)
+            K = K[l]                                                          # (F, n)
+            S = select_neurons(K, hp.neuron_threshold) if nse else torch.arange(K.shape[0])
+            Rj = (Z[sel] - H).T / (len(layers) - j)              # (D, n): residual spread over layers left
+            timer["keys"] = timer.get("keys", 0.0) + time.perf_counter() - t
+            t = time.perf_counter()
+            dW = solve_update(Rj, K[S], restrict(C0[l], S), restrict(state.Cp[l], S), hp.lam)
+            w = model.layers[l].mlp.down_proj.weight
+            if len(S) == w.shape[1]:
+                w.data.copy_(w.data.double().add_(dW.to(w.device)))
+            else:
+                w.data[:, S.to(w.device)] = (w.data[:, S.to(w.device)].double() + dW.to(w.device)).to(w.dtype)
+            p["neurons"].append(len(S))
+            timer["solve"] = timer.get("solve", 0.0) + time.perf_counter() - t
+    t = time.perf_counter()
+    K, H = subject_states(model, tok, records, templates, layers, l0)  # step 4: Cp += K K^T
+    for l in layers:
+        state.Cp[l] += (K[l] @ K[l].T).to(state.Cp[l].dtype)
+    r = (Z - H).norm(dim=1)
+    blog["final_r"] = r.tolist()
+    blog["left_above_upper"] = [i for i in range(len(records)) if r[i] >= hp.upper_bound]
+    timer["cp"] = timer.get("cp", 0.0) + time.perf_counter() - t
+    return blog
+
+
+# ----------------------------------------------------------------------------------------------
+# Defaults for the checkpoint at hand, and the state that lets editing continue
+
+# SmolLM2-135M, first 20 CounterFact edits, layers 4-8: median ||h_8|| = 132, median q = 2703; the
+# calibrated alpha 30 / upper_bound 200 / lambda 2500 are 0.23 m / (2 * clamp 0.75) m / 0.92 q.
+H_ALPHA, LAM_PER_Q = 0.23, 0.92
+
+
+def default_layers(n_layers: int) -> list[int]:
+    """Llama3-8B edits layers 4-8 of 32: the same relative depth, 5 layers (fewer on a tiny model)."""
+    k = min(5, max(1, n_layers // 4))
+    start = min(round(n_layers / 8), n_layers - k)
+    return list(range(start, start + k))
+
+
+def derive_scale_defaults(model, tok, records, templates, layers, C0, clamp: float = 0.75):
+    """alpha, upper_bound and lambda from the checkpoint's own scale (overridable on the CLI).
+    m = median ||h_l0|| at the subjects: alpha = H_ALPHA m, upper_bound = 2 clamp m (z starts within
+    clamp * m of h, so no fresh request is above upper_bound). lambda = LAM_PER_Q * median q,
+    q = k^T C0^-1 k (last edited layer): one request's update realises q / (lambda + q) of its
+    residual, whatever the key scale or width. The three constants reproduce the SmolLM2-135M
+    calibration (shared/docs/CALIBRATION.md: alpha 30, upper_bound 200, lambda 2500)."""
+    K, H = subject_states(model, tok, records, templates, [layers[-1]], layers[-1])
+    m = H.norm(dim=1).median().item()
+    L = cholesky_ridged(C0[layers[-1]].double())                # (F, F)
+    k = K[layers[-1]].double()                                   # (F, n)
+    q = (k * torch.cholesky_solve(k, L)).sum(0).median().item()
+    return {"alpha": H_ALPHA * m, "upper_bound": 2 * clamp * m, "lam": LAM_PER_Q * q,
+            "hidden_norm_median": m, "mahalanobis_q_median": q}
+
+
+def save_state(out: Path, model, state: EditState, meta: dict):
+    """OUT/nse_state.safetensors: W0.l, Cp.l, W.l (current) and the progress, written atomically."""
+    t = {}
+    for l in state.W0:
+        t[f"W0.{l}"] = state.W0[l].contiguous()
+        t[f"Cp.{l}"] = state.Cp[l].contiguous()
+        t[f"W.{l}"] = model.layers[l].mlp.down_proj.weight.detach().contiguous()
+    atomic_save(t, out / "nse_state.safetensors",
+                {"meta": json.dumps(meta), "n_done": str(state.n_done), "log": json.dumps(state.log)})
+
+
+def check_state(out: Path, meta: dict) -> dict:
+    """The saved run's settings; refuse to resume a state that belongs to another run."""
+    from safetensors import safe_open
+    path = out / "nse_state.safetensors"
+    with safe_open(str(path), "pt") as f:
+        old = json.loads(f.metadata()["meta"])
+    for k in ("method", "edits", "n", "batch_size", "layers", "ckpt"):
+        if old.get(k) != meta.get(k):
+            raise EditError(f"{path}: --resume: {k} was {old.get(k)!r}, now {meta.get(k)!r}")
+    return old
+
+
+def load_state(out: Path, model) -> EditState:
+    """Put OUT/nse_state.safetensors's edited weights into the (unedited) model; return the state."""
+    from safetensors import safe_open
+    path = out / "nse_state.safetensors"
+    with safe_open(str(path), "pt") as f:
+        info = f.metadata()
+    t, layers = load_file(str(path)), json.loads(info["meta"])["layers"]
+    for l in layers:
+        model.layers[l].mlp.down_proj.weight.data.copy_(t[f"W.{l}"])
+    return EditState({l: t[f"W0.{l}"] for l in layers}, {l: t[f"Cp.{l}"] for l in layers},
+                     int(info["n_done"]), json.loads(info["log"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+def evaluate(model, tok, records, fmt, fluency=True, seed=0):
+    import eval as evaluation
+    em = evaluation.LlamaEvalModel(model, tok, data.Template("raw"))
+    if evaluation.guess_task(records, fmt) == "counterfact":
+        return evaluation.evaluate_counterfact(em, tok, records, with_fluency=fluency, seed=seed)
+    return evaluation.evaluate_qa(em, tok, data.Template("raw"), records)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="NSE / sequential MEMIT model editing of a Llama checkpoint. "
+                                 "No arguments: the demo world end to end.")
+    a = ap.add_argument
+    a("--ckpt", help="checkpoint folder (Hugging Face layout); default: the demo model")
+    a("--edits", help="edit file (CounterFact / ZsRE / EasyEdit JSON, or the project's JSONL)")
+    a("--format", choices=data.FORMATS, help="edit file format (default: detected)")
+    a("--method", choices=["nse", "memit"], default="nse", help="NSE, or the sequential MEMIT baseline")
+    a("--n", type=int, help="edit the first n requests (default: all)")
+    a("--batch-size", type=int, default=100, help="requests per sequential batch")
+    a("--layers", help="edited layers, e.g. 4,5,6,7,8 (default: 5 layers at 1/8 of the depth)")
+    a("--lam", type=float, help="lambda, weight of C0 (default: derived from the checkpoint)")
+    a("--alpha", type=float, help="done when ||z - h|| <= alpha (default: derived)")
+    a("--upper-bound", type=float, help="requests with ||z - h|| >= this are not edited, and reported (default: derived)")
+    a("--v-lr", type=float, default=0.5, help="Adam lr of the z optimisation")
+    a("--v-steps", type=int, default=25, help="at most this many z steps")
+    a("--clamp", type=float, default=0.75, help="||z - h|| <= clamp * ||h|| in the z optimisation")
+    a("--max-iterations", type=int, default=3, help="NSE passes per batch")
+    a("--neuron-threshold", type=float, default=1.0, help="share of the |K| mass the selected neurons hold")
+    a("--stats-text", default=str(Path(__file__).resolve().parent.parent / "shared/data/wikitext/wikitext-2-raw-test.txt"),
+      help="corpus for C0 (default: ../shared WikiText-2 test)")
+    a("--stats-tokens", type=int, default=200_000, help="tokens of the corpus used for C0")
+    a("--cache-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "llama-edit", "nse"),
+      help="where C0 is cached ($XDG_CACHE_HOME/llama-edit/nse)")
+    a("--out", help="output folder: edited model (HF layout), nse_state.safetensors, results.json")
+    a("--resume", action="store_true", help="continue the run whose state is in --out")
+    a("--no-fluency", action="store_true", help="skip the Fluency generations")
+    a("--baseline", action="store_true", help="also evaluate the unedited model first")
+    a("--device", default="cpu", help="torch device")
+    a("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype (compute is float32)")
+    a("--threads", type=int, default=os.cpu_count(), help="CPU threads")
+    a("--seed", type=int, default=0, help="seed of the context templates and the Fluency samples")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.ckpt is None and args.edits is None:               # the demo world
+        import train_sft
+        demo = train_sft.ensure_demo()
+        args.ckpt, args.edits, args.stats_text = str(demo["ckpt"]), str(demo["edits_cf"]), str(demo["corpus"])
+        args.batch_size, args.baseline = 10, True
+        # the 6-layer demo model: z from block 0, a wider ball, alpha 1 (measured; see the report)
+        args.layers, args.alpha = args.layers or "0", args.alpha or 1.0
+        args.clamp = 2.0 if args.clamp == 0.75 else args.clamp
+    if args.ckpt is None or args.edits is None:
+        raise SystemExit("nse.py: error: give both --ckpt and --edits (or neither, for the demo)")
+    try:                                                         # every input checked before any work
+        records = data.load_edits(args.edits, args.format, n=args.n, require_subject=True)
+        check_requests(records)
+        if args.n is not None and len(records) < args.n:
+            raise EditError(f"{args.edits}: --n {args.n} but the file holds {len(records)} records")
+        if args.batch_size < 1 or args.batch_size > len(records):
+            raise EditError(f"--batch-size {args.batch_size} must be between 1 and the number of edits ({len(records)})")
+        if not Path(args.stats_text).is_file():
+            raise EditError(f"--stats-text {args.stats_text}: file not found")
+        L = llama.LlamaConfig.from_file(Path(args.ckpt) / "config.json").num_hidden_layers
+        layers = [int(x) for x in args.layers.split(",")] if args.layers else default_layers(L)
+        if sorted(set(layers)) != layers or not all(0 <= l < L for l in layers):
+            raise EditError(f"--layers {layers}: must be ascending layer indices below {L}")
+        out = Path(args.out) if args.out else None
+        meta = {"method": args.method, "edits": str(Path(args.edits).resolve()), "n": len(records),
+                "batch_size": args.batch_size, "layers": layers, "ckpt": str(Path(args.ckpt).resolve())}
+        resume = bool(args.resume and out and (out / "nse_state.safetensors").exists())
+        old = check_state(out, meta) if resume else None
+    except (data.DataError, EditError, llama.CheckpointError) as e:
+        raise SystemExit(f"nse.py: error: {e}")
+    model = llama.Llama.from_pretrained(args.ckpt, device=args.device, dtype=getattr(torch, args.dtype),
+                                        compute_dtype=torch.float32)
+    tok = load_tokenizer(args.ckpt)
+    t_all = time.perf_counter()
+    timer, report = {}, {}
+    templates = context_templates(model, tok, args.seed)
+    t = time.perf_counter()
+    C0 = load_or_compute_c0(model, tok, args.stats_text, layers, args.stats_tokens, args.cache_dir)
+    timer["stats"] = time.perf_counter() - t
+    derived = derive_scale_defaults(model, tok, records[:args.batch_size], templates, layers, C0, args.clamp)
+    hp = HParams(layers, lam=args.lam or derived["lam"], alpha=args.alpha or derived["alpha"],
+                 upper_bound=args.upper_bound or derived["upper_bound"], v_lr=args.v_lr, v_steps=args.v_steps, clamp=args.clamp,
+                 max_iterations=args.max_iterations, neuron_threshold=args.neuron_threshold, method=args.method)
+    print(f"{args.method}: layers {layers}  lambda {hp.lam:.0f}  alpha {hp.alpha:.1f}  upper_bound {hp.upper_bound:.1f}"
+          f"  (derived: {json.dumps({k: round(v, 1) for k, v in derived.items()})})")
+    meta.update(hp=asdict(hp), templates=templates)
+    if args.baseline:
+        report["unedited"] = evaluate(model, tok, records, args.format, not args.no_fluency, args.seed)
+    state = EditState.fresh(model, layers)
+    if resume:
+        state = load_state(out, model)
+        hp, templates = HParams(**old["hp"]), old["templates"]
+        meta.update(hp=old["hp"], templates=templates)
+        print(f"resumed after {state.n_done} edits")
+    while state.n_done < len(records):
+        batch = records[state.n_done:state.n_done + args.batch_size]
+        t = time.perf_counter()
+        blog = edit_batch(model, tok, batch, templates, hp, state, C0, timer)
+        blog["left_above_upper"] = [state.n_done + i for i in blog["left_above_upper"]]   # global indices
+        state.n_done += len(batch)
+        blog.update(n_done=state.n_done, seconds=time.perf_counter() - t)
+        state.log.append(blog)
+        print(f"batch {len(state.log)}: {state.n_done}/{len(records)} edits, {blog['seconds']:.1f} s, passes "
+              + ", ".join(f"[r {p['r_mean']:.1f} edited {p['edited']} above {p['above_upper']}]" for p in blog["passes"])
+              + (f"; left above upper_bound: {blog['left_above_upper']}" if blog["left_above_upper"] else ""), flush=True)
+        if out:
+            save_state(out, model, state, meta)
+            model.save_pretrained(out / "model", tokenizer_dir=args.ckpt)
+    t = time.perf_counter()
+    report[args.method] = evaluate(model, tok, records, args.format, not args.no_fluency, args.seed)
+    timer["eval"] = time.perf_counter() - t
+    res = {"args": vars(args), "hparams": asdict(hp), "derived": derived, "results": report,
+           "timings_s": timer, "total_s": time.perf_counter() - t_all, "batches": state.log,
+           "left_above_upper_bound": sum(len(b["left_above_upper"]) for b in state.log)}
+    names = ["Efficacy", "Generalization", "Specificity", "Fluency", "Reliability (tf)", "Generality (tf)", "Locality (tf)"]
+    for k, figs in report.items():
+        print(f"{k:<10}" + "  ".join(f"{n} {figs[n]['value']:.2f}" for n in names if n in figs))
+    print(f"requests left above upper_bound (never edited, listed per batch in results.json): "
+          f"{res['left_above_upper_bound']}")
+    print("time (s): " + "  ".join(f"{k} {v:.1f}" for k, v in timer.items()))
+    if out:
+        data.atomic_write_text(out / "results.json", json.dumps(res, indent=1, default=str) + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    main()

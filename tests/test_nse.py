@@ -1,0 +1,314 @@
+"""NSE / MEMIT: the algebra, the pieces, and whole edits on tiny random Llamas (no downloads)."""
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, tiny_model
+
+import data
+import llama
+import nse
+
+
+class CharTok:
+    """Character tokenizer for tests, with one merge: a space before a capital letter is one token
+    (so " Q" is a single-token target). BOS 1, EOS 2, ids < 97."""
+    bos_id, eos_id, pad_id, add_bos, vocab_size = 1, 2, 0, True, 97
+    chars = [" "] + [chr(c) for c in range(97, 123)] + [chr(c) for c in range(65, 91)] + list(".,\n0123456789")
+    pieces = chars + [" " + chr(c) for c in range(65, 91)]           # 94 pieces -> ids 3..96
+    ids = {p: i + 3 for i, p in enumerate(pieces)}
+
+    def encode(self, text, bos=None, eos=False):
+        out, i = [], 0
+        while i < len(text):
+            two = text[i:i + 2]
+            if two in self.ids and len(two) == 2:
+                out.append(self.ids[two]); i += 2
+            else:
+                out.append(self.ids.get(text[i], self.ids["."])); i += 1
+        return ([1] if (self.add_bos if bos is None else bos) else []) + out + ([2] if eos else [])
+
+    def decode(self, ids, skip_special=False):
+        return "".join(self.pieces[i - 3] for i in ids if i >= 3)
+
+
+TOK = CharTok()
+TEMPLATES = ["{}", "Ab. {}"]
+
+
+def rec(prompt, subject, new, true="x", **kw):
+    return data.EditRecord(prompt, new, true, subject, **kw)
+
+
+def sharp_model(**kw):
+    """A tiny random Llama whose head is sharp enough that one hidden vector can decide a token
+    (the subject ends each test prompt: a random model's attention barely carries it further)."""
+    torch.manual_seed(0)
+    model = tiny_model(**kw)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3.0)
+    return model
+
+
+def hp_for(model, **kw):
+    kw = {"layers": [0], "lam": 1.0, "alpha": 0.0, "upper_bound": 1e9, "v_lr": 0.5, "v_steps": 30,
+          "loss_stop": 1e-3, **kw}
+    return nse.HParams(**kw)
+
+
+# -- the algebra ---------------------------------------------------------------------------------
+
+def test_restricted_update_is_the_exact_least_squares_solution():
+    g = torch.Generator().manual_seed(0)
+    D, Fs, n = 6, 9, 4
+    R, K = torch.randn(D, n, generator=g), torch.randn(Fs, n, generator=g)
+    A = torch.randn(Fs, 3 * Fs, generator=g)
+    C0 = A @ A.T / (3 * Fs)
+    B = torch.randn(Fs, 2, generator=g)
+    Cp, lam = B @ B.T, 2.5
+    dW = nse.solve_update(R, K, C0, Cp, lam)
+    # min ||X K - R||^2 + ||X L||^2 with L L^T = lam C0 + Cp: least squares on stacked columns
+    L = torch.linalg.cholesky(lam * C0.double() + Cp.double())
+    lhs = torch.cat([K.double(), L], 1).T                         # (n + Fs, Fs)
+    rhs = torch.cat([R.double(), torch.zeros(D, Fs, dtype=torch.float64)], 1).T
+    X = torch.linalg.lstsq(lhs, rhs).solution.T
+    assert torch.allclose(dW, X, atol=1e-10)
+    # and the gradient of the objective vanishes there, but not at a perturbed point
+    grad = lambda W: (W @ K.double() - R.double()) @ K.double().T + W @ (lam * C0.double() + Cp.double())
+    assert grad(dW).abs().max() < 1e-10
+    assert grad(dW + 1e-3).abs().max() > 1e-6
+
+
+def test_neuron_selection_keeps_the_smallest_set_holding_the_mass():
+    K = torch.zeros(6, 2)
+    K[:, 0] = torch.tensor([5.0, 0.0, -3.0, 1.0, 0.5, 0.5])       # |K| row sums: 5, 0, 3, 1, .5, .5 (+ col 1)
+    K[:, 1] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    assert nse.select_neurons(K, 0.5).tolist() == [0]             # 5 of 10 reaches 50%
+    assert nse.select_neurons(K, 0.51).tolist() == [0, 2]          # 8 of 10
+    assert nse.select_neurons(K, 0.85).tolist() == [0, 2, 3]       # 9 of 10
+    assert nse.select_neurons(K, 1.0).tolist() == [0, 2, 3, 4, 5]  # everything but the silent neuron
+
+
+def test_default_layers_follow_the_relative_depth():
+    assert nse.default_layers(32) == [4, 5, 6, 7, 8]
+    assert nse.default_layers(30) == [4, 5, 6, 7, 8]
+    assert nse.default_layers(2) == [0]
+
+
+# -- z, keys and an edit on a tiny model ---------------------------------------------------------
+
+def test_z_split_forward_matches_the_plain_forward_and_reaches_its_target():
+    model = sharp_model(num_hidden_layers=3).requires_grad_(False)
+    recs = [rec("Home of Bob", "Bob", "Q"), rec("Dog Rex", "Dog Rex", "Z")]
+    hp = hp_for(model, layers=[0, 1], kl_factor=0.0, v_steps=40)
+    z, h, log = nse.compute_z(model, TOK, recs, TEMPLATES, hp)
+    # h is the plain forward's block-1 output at the subject's last token of the bare prompt
+    for i, r in enumerate(recs):
+        ids, s = nse.subject_row(TOK, r.prompt, r.subject)
+        tr = model.forward_trace(torch.tensor([ids]))
+        assert torch.allclose(tr.hidden[2][0, s], h[i], atol=1e-5)
+        # with z in place of h (a hook on block 1), the plain forward gives the target a small NLL
+        enc = data.encode_prompt_target(TOK, data.Template("raw"), r.prompt, r.target_new)
+        hook = model.layers[1].register_forward_hook(
+            lambda m, a, o: torch.cat([o[:, :s], z[i].view(1, 1, -1), o[:, s + 1:]], 1))
+        logp = model(torch.tensor([enc.ids])).log_softmax(-1)[0]
+        hook.remove()
+        nll = -torch.stack([logp[t - 1, enc.ids[t]] for t in range(enc.target_start, enc.target_end)]).mean()
+        base = model(torch.tensor([enc.ids])).log_softmax(-1)[0]
+        nll0 = -torch.stack([base[t - 1, enc.ids[t]] for t in range(enc.target_start, enc.target_end)]).mean()
+        assert nll < 0.15 and nll0 > 1.0
+        assert (z[i] - h[i]).norm() <= hp.clamp * h[i].norm() + 1e-4   # inside the L2 ball
+
+
+def _margin(model, r):
+    """NLL(target_true) - NLL(target_new) after the prompt: > 0 means the new target wins."""
+    def nll(t):
+        enc = data.encode_prompt_target(TOK, data.Template("raw"), r.prompt, t)
+        lp = model(torch.tensor([enc.ids])).log_softmax(-1)[0]
+        return -torch.stack([lp[j - 1, enc.ids[j]] for j in range(enc.target_start, enc.target_end)]).mean()
+    with torch.no_grad():
+        return (nll(r.target_true) - nll(r.target_new)).item()
+
+
+def _edit_and_measure(method, identity_prior=False):
+    """Edit two requests on a tiny model; return (margins after, mean TV on held-out text, log)."""
+    rng = random.Random(0)
+    words = "the a cat dog sat ran on in park mat home of boss why not now hello there friend".split()
+    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(320)]
+    model = sharp_model(num_hidden_layers=3, intermediate_size=512)
+    C0, n = nse.key_second_moment(model, TOK, "\n".join(lines[:300]), [0, 1], 3000, chunk=50)
+    if identity_prior:                        # the same update with C0 replaced by a scaled identity
+        C0 = {l: torch.eye(512) * c.trace() / 512 for l, c in C0.items()}
+    recs = []
+    for prompt, subject in [("The boss of Kim", "Kim"), ("Home of Ann Pi", "Ann Pi")]:
+        letters = sorted("ABCDEFGHIJKLMNOPQRSTUVWXYZ", key=lambda c: -_margin(model, rec(prompt, subject, c, "A")))
+        recs.append(rec(prompt, subject, letters[-1], letters[0]))    # the model's least / most likely
+    assert all(_margin(model, r) < 0 for r in recs)
+    held = torch.tensor([TOK.encode(t)[:40] for t in lines[300:]])
+    with torch.no_grad():
+        before = model(held).softmax(-1)
+    hp = hp_for(model, layers=[0, 1], lam=1.0, method=method, kl_factor=0.0)
+    state = nse.EditState.fresh(model, [0, 1])
+    log = nse.edit_batch(model, TOK, recs, TEMPLATES, hp, state, C0, {})
+    with torch.no_grad():
+        tv = 0.5 * (model(held).softmax(-1) - before).abs().sum(-1)           # per position
+    assert state.Cp[0].abs().sum() > 0                                        # Cp accumulated
+    return [_margin(model, r) for r in recs], tv.mean().item(), log
+
+
+@pytest.mark.parametrize("method", ["nse", "memit"])
+def test_edit_batch_makes_targets_win_and_unrelated_prompts_barely_move(method):
+    margins, tv, log = _edit_and_measure(method)
+    assert all(m > 0 for m in margins), log
+    assert tv < 0.1
+    if method == "nse":
+        assert log["passes"][0]["edited"] == 2 and log["left_above_upper"] == []
+        _, tv_identity, _ = _edit_and_measure(method, identity_prior=True)
+        assert tv < 0.5 * tv_identity          # C0 is what protects unrelated text
+
+
+def test_requests_above_upper_bound_are_reported_not_dropped_silently():
+    torch.manual_seed(0)
+    model = tiny_model(num_hidden_layers=2)
+    C0, _ = nse.key_second_moment(model, TOK, "abc def ghi " * 100, [0], 500, chunk=40)
+    recs = [rec("Kim Lo works at", "Kim Lo", "Zeta", "Beta")]
+    state = nse.EditState.fresh(model, [0])
+    w = model.layers[0].mlp.down_proj.weight.detach().clone()
+    log = nse.edit_batch(model, TOK, recs, TEMPLATES, hp_for(model, upper_bound=1e-6), state, C0, {})
+    assert log["left_above_upper"] == [0] and log["passes"][0]["above_upper"] == 1
+    assert torch.equal(model.layers[0].mlp.down_proj.weight, w)     # nothing edited
+
+
+# -- covariance cache ----------------------------------------------------------------------------
+
+def test_c0_cache_reuses_and_invalidates(tmp_path):
+    model = tiny_model(num_hidden_layers=2)
+    text = tmp_path / "corpus.txt"
+    text.write_text("the cat sat on the mat\n" * 40)
+    cache = tmp_path / "cache"
+    logs = []
+    a = nse.load_or_compute_c0(model, TOK, text, [0, 1], 300, cache, chunk=64, log=logs.append)
+    assert len(logs) == 1 and len(list(cache.glob("*.safetensors"))) == 2
+    b = nse.load_or_compute_c0(model, TOK, text, [0, 1], 300, cache, chunk=64, log=logs.append)
+    assert len(logs) == 1 and torch.equal(a[1], b[1])              # cached, identical
+    nse.load_or_compute_c0(model, TOK, text, [0, 1], 200, cache, chunk=64, log=logs.append)
+    assert len(logs) == 2                                          # another token count: recomputed
+    text.write_text("a dog ran in the park\n" * 40)
+    nse.load_or_compute_c0(model, TOK, text, [0], 300, cache, chunk=64, log=logs.append)
+    assert len(logs) == 3                                          # another corpus
+    with torch.no_grad():
+        model.layers[0].mlp.up_proj.weight.mul_(1.5)               # other weights below layer 1
+    c = nse.load_or_compute_c0(model, TOK, text, [1], 300, cache, chunk=64, log=logs.append)
+    assert len(logs) == 4 and not torch.allclose(c[1], b[1])
+
+
+# -- the CLI: bad inputs, save / resume ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny checkpoint with a tokenizer.json, an edit file and a corpus, for the CLI."""
+    root = tmp_path_factory.mktemp("nse_cli")
+    model = tiny_model(num_hidden_layers=3, vocab_size=120)
+    vocab = {c: i for i, c in enumerate(sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,")))}
+    vocab["Ġ"] = len(vocab)
+    vocab["Ċ"] = len(vocab)
+    for i, c in enumerate("0123456789"):
+        vocab[c] = len(vocab)
+    tj = {"model": {"type": "BPE", "vocab": vocab, "merges": []},
+          "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False}, "added_tokens": [],
+          "decoder": {"type": "ByteLevel"}}
+    ck = root / "ckpt"
+    model.save_pretrained(ck)
+    (ck / "tokenizer.json").write_text(json.dumps(tj))
+    (ck / "tokenizer_config.json").write_text(json.dumps({"bos_token": None, "eos_token": None}))
+    recs = [{"prompt": f"{s} lives in", "subject": s, "target_new": t, "target_true": "Rome",
+             "rephrases": [f"The home of {s} is"], "locality": [["Ed Lu lives in", "Rome"]]}
+            for s, t in [("Kim Lo", "Oslo"), ("Ann Pi", "Lima"), ("Joe Wu", "Baku"), ("Tim Ka", "Riga")]]
+    (root / "edits.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    (root / "corpus.txt").write_text("the cat sat on the mat. a dog ran in the park.\n" * 60)
+    return root
+
+
+def run_cli(root, *extra):
+    cmd = [sys.executable, str(ROOT / "nse.py"), "--ckpt", str(root / "ckpt"), "--edits", str(root / "edits.jsonl"),
+           "--stats-text", str(root / "corpus.txt"), "--stats-tokens", "1000", "--cache-dir", str(root / "cache"),
+           "--layers", "0,1", "--no-fluency", "--threads", "1", "--v-steps", "8", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r.update(subject="Nobody"), "does not occur in the prompt"),
+    (lambda r: r.update(target_new=" "), "target_new: empty target"),
+])
+def test_bad_requests_fail_before_work_naming_line_and_field(tiny_ckpt, tmp_path, change, message):
+    lines = (tiny_ckpt / "edits.jsonl").read_text().splitlines()
+    r = json.loads(lines[2])
+    change(r)
+    lines[2] = json.dumps(r)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    p = subprocess.run([sys.executable, str(ROOT / "nse.py"), "--ckpt", str(tiny_ckpt / "ckpt"), "--edits", str(bad)],
+                       capture_output=True, text=True)
+    assert p.returncode != 0
+    last = p.stderr.strip().splitlines()[-1]
+    assert "bad.jsonl:3" in last and message in last and "Traceback" not in p.stderr
+
+
+def test_batch_larger_than_n_is_refused(tiny_ckpt):
+    p = run_cli(tiny_ckpt, "--n", "2", "--batch-size", "3")
+    assert p.returncode != 0 and "--batch-size 3" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_save_and_resume_reproduce_the_weights(tiny_ckpt, tmp_path, monkeypatch):
+    args = ["--ckpt", str(tiny_ckpt / "ckpt"), "--edits", str(tiny_ckpt / "edits.jsonl"),
+            "--stats-text", str(tiny_ckpt / "corpus.txt"), "--stats-tokens", "1000", "--cache-dir",
+            str(tiny_ckpt / "cache"), "--layers", "0,1", "--no-fluency", "--threads", "2", "--v-steps", "8",
+            "--batch-size", "2"]
+    nse.main(args + ["--out", str(tmp_path / "full")])
+    full = nse.load_file(str(tmp_path / "full" / "nse_state.safetensors"))
+    real, calls = nse.edit_batch, []
+
+    def killed_after_one_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+    monkeypatch.setattr(nse, "edit_batch", killed_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        nse.main(args + ["--out", str(tmp_path / "part")])
+    half = nse.load_file(str(tmp_path / "part" / "nse_state.safetensors"))
+    assert not torch.equal(half["W.1"], full["W.1"])               # the state after batch 1 only
+    monkeypatch.setattr(nse, "edit_batch", real)
+    res = nse.main(args + ["--out", str(tmp_path / "part"), "--resume"])
+    assert len(res["batches"]) == 2
+    again = nse.load_file(str(tmp_path / "part" / "nse_state.safetensors"))
+    for k in full:
+        assert torch.allclose(full[k], again[k], atol=1e-5), k
+    # the saved model is a loadable Hugging Face checkpoint holding the edited weights
+    edited = llama.Llama.from_pretrained(tmp_path / "full" / "model")
+    assert torch.equal(edited.layers[1].mlp.down_proj.weight, full["W.1"])
+    assert not torch.equal(full["W.1"], full["W0.1"])
+    out = json.loads((tmp_path / "full" / "results.json").read_text())
+    assert "Efficacy" in out["results"]["nse"]
+    with pytest.raises(SystemExit, match="--resume: batch_size was 2, now 1"):
+        nse.main(args[:-1] + ["1", "--out", str(tmp_path / "part"), "--resume"])
+
+
+def test_z_with_bf16_weights_is_checkpointed_and_matches_fp32():
+    """bf16 weights, fp32 compute: the blocks above l0 are recomputed in backward (no widened weight
+    kept per block), and z equals the fp32 model's with the same (bf16-rounded) weights."""
+    model = sharp_model(num_hidden_layers=4)
+    narrow = llama.Llama(model.config).to(torch.bfloat16)
+    narrow.load_state_dict(model.state_dict())
+    wide = llama.Llama(model.config)
+    wide.load_state_dict(narrow.state_dict())
+    narrow.compute_dtype = torch.float32
+    recs = [rec("Home of Bob", "Bob", "Q"), rec("Dog Rex", "Dog Rex", "Z")]
+    hp = hp_for(model, layers=[0], v_steps=5, kl_factor=0.0625)
+    z_narrow, _, log_n = nse.compute_z(narrow.requires_grad_(False), TOK, recs, TEMPLATES, hp)
+    z_wide, _, log_w = nse.compute_z(wide.requires_grad_(False), TOK, recs, TEMPLATES, hp)
+    assert torch.allclose(z_narrow, z_wide, atol=1e-4) and log_n["steps"] == log_w["steps"]

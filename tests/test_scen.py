@@ -1,0 +1,199 @@
+"""SCEN: losses, neurons, routing, editing a tiny random Llama, persistence, bad inputs."""
+import copy
+import json
+
+import pytest
+import torch
+
+import scen
+from conftest import tiny_model
+
+# The tiny model's single down projection needs a larger step than a real model's.
+TINY = dict(layer=1, expert_lr=3e-2, expert_steps=150, expert_nll=0.5)
+UNREL = [[1, 5 + i, 7, 9 + i, 11] for i in range(6)]
+EDITS = [([1, 20 + i, 30 + i, 40, 41, 50 + i, 2], 5) for i in range(4)]   # prompt = 5 ids, target + EOS
+
+
+def make_editor(out=None, seed=0, **kw):
+    return scen.Editor(tiny_model(seed), scen.Settings(**{**TINY, **kw}), UNREL, out)
+
+
+def test_losses_match_their_formulas():
+    g = torch.Generator().manual_seed(0)
+    a_t, a = torch.rand((), generator=g), torch.rand(7, generator=g)
+    al, be, m = 0.7, 0.3, 0.5
+    assert torch.allclose(scen.activate_loss(a_t), torch.exp(-a_t))
+    assert torch.allclose(scen.disactivate_loss(a, al), sum(torch.exp(x + al) for x in a) / 7)
+    assert torch.allclose(scen.margin_loss(a, a_t, be), sum(torch.exp(x - a_t + be) for x in a) / 7)
+    paper = torch.exp(-a_t) + m * (sum(torch.exp(x + al) for x in a) / 7 + sum(torch.exp(x - a_t + be) for x in a) / 7)
+    assert torch.allclose(scen.index_loss(a_t, a, al, be, m), paper)
+    code = torch.exp(-a_t) + m * (torch.exp(a).mean() + al + (torch.exp(a) - a_t).mean() + be)
+    assert torch.allclose(scen.index_loss(a_t, a, al, be, m, code=True), code)
+    assert torch.allclose(scen.index_loss(a_t, a[:0], al, be, m), torch.exp(-a_t))   # first edit
+
+
+def test_route_threshold_and_argmax():
+    a = torch.tensor([[0.1, 0.9, 0.7], [0.64, 0.2, 0.3], [0.66, 0.1, 0.2]])
+    assert scen.route(a, 0.65).tolist() == [1, -1, 0]
+    assert scen.route(torch.zeros(2, 0), 0.65).tolist() == [-1, -1]
+
+
+def test_neuron_separates_on_cached_features():
+    torch.manual_seed(0)
+    base = torch.randn(64) * 3
+    feats = torch.nn.functional.normalize(base + torch.randn(6, 64), dim=-1)   # shared template direction
+    s = scen.Settings(bias=True)
+    w, b, steps = scen.train_neuron(feats[0], feats[1:], s, generator=torch.Generator().manual_seed(0))
+    a = torch.sigmoid(feats @ w + b)
+    assert a[0] > s.theta and (a[1:] < s.theta).all() and steps < s.neuron_steps
+    # the paper's 20 steps at lr 1e-4 do not separate them (docs/CALIBRATION.md)
+    p = scen.Settings(**scen.PAPER)
+    w, b, _ = scen.train_neuron(feats[0], feats[1:], p, generator=torch.Generator().manual_seed(0))
+    assert torch.sigmoid(feats[0] @ w + b) < p.theta
+
+
+def test_edits_route_to_their_own_expert_in_a_batch():
+    ed = make_editor()
+    for ids, ts in EDITS:
+        ed.edit(ids, ts)
+    f = ed.feats(torch.stack(ed.U))
+    a = scen.neuron_activations(f, ed.router.W, ed.router.b)
+    assert (a.diag() > ed.s.theta).all()
+    assert (a - torch.eye(len(EDITS)) * 10 < ed.s.theta).all()          # off-diagonal below theta
+    prompts = [EDITS[2][0][:5], [1, 60, 61], EDITS[0][0][:5], EDITS[3][0][:5]]      # left padding
+    outs = ed.generate(prompts, 6, eos_ids=[2])
+    assert ed.router.choice.tolist() == [2, -1, 0, 3]
+    assert outs[0] == EDITS[2][0][5:-1] and outs[2] == EDITS[0][0][5:-1] and outs[3] == EDITS[3][0][5:-1]
+    for p, o in zip(prompts, outs):                                       # batch == one by one
+        assert ed.generate([p], 6, eos_ids=[2])[0] == o
+
+
+def test_edit_becomes_greedy_answer_unrouted_logits_bit_identical():
+    ref = tiny_model(0)
+    ed = make_editor()
+    ids, ts = EDITS[0]
+    prompt, other = ids[:ts], [1, 70, 71, 72, 73, 74]
+    before = llama_generate(ref, prompt)
+    assert before != ids[ts:-1]                                            # not already the answer
+    ed.edit(ids, ts)
+    assert ed.generate([prompt], 6, eos_ids=[2])[0] == ids[ts:-1]
+    x = torch.tensor([other])
+    with torch.no_grad():
+        ed.prepare(x, None, torch.tensor([len(other) - 1]))
+        got = ed.model(x)
+        assert ed.router.choice.tolist() == [-1]
+        assert torch.equal(got, ref(x))
+        # batched with a routed row: the unrouted row is still bit-identical
+        y = torch.tensor([other, prompt + [9]])
+        ed.prepare(y, None, torch.tensor([5, 4]))
+        got = ed.model(y)
+        assert ed.router.choice.tolist() == [-1, 0] and torch.equal(got[0], ref(y)[0])
+
+
+def llama_generate(model, prompt):
+    import llama
+    return llama.generate(model, [prompt], 6, eos_ids=[2])[0]
+
+
+def test_ft_changes_the_shared_weight():
+    ref = tiny_model(0)
+    ed = make_editor(method="ft")
+    ids, ts = EDITS[0]
+    ed.edit(ids, ts)
+    assert ed.generate([ids[:ts]], 6, eos_ids=[2])[0] == ids[ts:-1]
+    x = torch.tensor([[1, 70, 71, 72, 73, 74]])
+    with torch.no_grad():
+        assert not torch.equal(ed.model(x), ref(x))                          # no routing: everything moves
+
+
+def test_cost_per_edit_is_flat_layers_below_l_run_once():
+    ed = make_editor(layer=1)
+    calls = []
+    ed.model.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    for ids, ts in EDITS:
+        n = len(calls)
+        ed.edit(ids, ts)
+        assert len(calls) - n == 1                      # one pass below l per edit, whatever t
+
+
+def test_save_load_and_resume_reproduce(tmp_path):
+    full = make_editor(tmp_path / "a")
+    for ids, ts in EDITS[:3]:
+        full.edit(ids, ts)
+    part = make_editor(tmp_path / "b")
+    for ids, ts in EDITS[:2]:
+        part.edit(ids, ts)
+    resumed = make_editor(tmp_path / "b").load(tmp_path / "b")           # a killed run, restarted
+    resumed.edit(*EDITS[2])
+    loaded = make_editor().load(tmp_path / "a")
+    for ed in (resumed, loaded):
+        assert torch.equal(ed.router.W, full.router.W) and torch.equal(ed.router.b, full.router.b)
+        assert all(torch.equal(x, y) for x, y in zip(ed.router.experts, full.router.experts))
+    prompts = [ids[:ts] for ids, ts in EDITS] + [[1, 70, 71, 72]]
+    want = full.generate(prompts, 6, eos_ids=[2])
+    assert resumed.generate(prompts, 6, eos_ids=[2]) == want == loaded.generate(prompts, 6, eos_ids=[2])
+    log = json.loads((tmp_path / "a" / "scen.json").read_text())["log"]
+    assert len(log) == 3 and sorted(p.name for p in (tmp_path / "a" / "experts").iterdir())[-1] == "expert_00003.safetensors"
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_ft_save_load(tmp_path):
+    ed = make_editor(tmp_path, method="ft")
+    ed.edit(*EDITS[0])
+    back = make_editor(method="ft").load(tmp_path)
+    assert torch.equal(back.ft.weight, ed.ft.weight)
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="layer 5 is out of range"):
+        make_editor(layer=5)
+    with pytest.raises(ValueError, match="theta"):
+        make_editor(theta=1.5)
+
+
+def test_cli_bad_inputs_fail_before_work(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Q?", "target_new": "A"}\n{"prompt": "Q2?"}\n')
+    with pytest.raises(SystemExit, match=r"bad.jsonl:2: target_new"):
+        scen.main(["--ckpt", str(tmp_path / "nowhere"), "--edits", str(bad)])
+    with pytest.raises(SystemExit, match="no such file|not found|does not exist|cannot read"):
+        scen.main(["--ckpt", str(tmp_path / "nowhere"), "--edits", str(tmp_path / "missing.json")])
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "Q?", "target_new": "A"}\n')
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "scen.json").write_text("{}")
+    with pytest.raises(SystemExit, match="already holds edits"):
+        scen.main(["--ckpt", str(tmp_path / "nowhere"), "--edits", str(good), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="--resume needs"):
+        scen.main(["--ckpt", str(tmp_path / "nowhere"), "--edits", str(good), "--resume"])
+    with pytest.raises(SystemExit, match="theta"):
+        scen.main(["--ckpt", "x", "--edits", str(good), "--theta", "2"])
+    with pytest.raises(SystemExit, match="needs --prompt"):
+        scen.main(["--load-edits", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no scen.json"):
+        scen.main(["--load-edits", str(tmp_path), "--prompt", "hi"])
+
+
+def test_pool_mean_ignores_padding_and_target():
+    u = torch.randn(2, 5, 3)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
+    got = scen.pool(u, torch.tensor([4, 2]), mask, "mean")
+    assert torch.allclose(got[0], u[0, 2:5].mean(0)) and torch.allclose(got[1], u[1, :3].mean(0))
+    assert torch.equal(scen.pool(u, torch.tensor([4, 2]), mask, "last"), torch.stack([u[0, 4], u[1, 2]]))
+
+
+def test_cli_settings_paper_and_code_loss():
+    ap = scen.parser()
+    s = scen.settings_from(ap.parse_args(["--paper"]))
+    assert (s.expert_lr, s.expert_steps, s.expert_until, s.neuron_lr, s.neuron_steps, s.features, s.pool,
+            s.bias, s.unrelated_neg, s.retrain, s.theta) == (1e-4, 10, False, 1e-4, 20, "raw", "last",
+                                                            False, False, False, 0.65)
+    s = scen.settings_from(ap.parse_args(["--paper", "--loss", "code", "--bias", "true"]))
+    assert s.loss == "code" and s.bias and s.expert_lr == 1e-4
+    assert scen.settings_from(ap.parse_args([])) == scen.Settings()
+
+
+def test_default_layer_scales_with_depth():
+    assert scen.default_layer(32, 20 / 32) == 20 and scen.default_layer(30, 20 / 32) == 19   # the paper's
+    assert scen.default_layer(30) == 24 and scen.default_layer(2) == 1
+    assert scen.Editor(tiny_model(0), scen.Settings(expert_lr=1e-2), UNREL).s.layer == 1
