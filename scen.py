@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -39,7 +38,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import data
+import eval as ev
 import llama
+import train_sft
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,8 +90,9 @@ UNRELATED = ["What is the capital of France?", "Who wrote Hamlet?", "How many le
 
 
 def default_layer(n_layers: int, depth: float = 0.8) -> int:
-    """The edited layer at a fraction of the depth (the paper: layer 20 of Llama-2-7B's 32 = 20/32)."""
-    return min(n_layers - 1, round(n_layers * depth))
+    """The edited layer at a fraction of the depth (the paper: layer 20 of Llama-2-7B's 32 = 20/32),
+    never the last layer of a model deeper than 2 (measured worse on the 6-layer demo model)."""
+    return min(n_layers - 2 if n_layers > 2 else n_layers - 1, round(n_layers * depth))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,7 +403,7 @@ class Editor:
         else:
             _save_st({"weight": self.ft.weight.detach(), "U": torch.stack(self.U), "U_unrel": self.U_unrel},
                      out / "ft_down.safetensors")
-        _atomic(out / "scen.json", lambda p: Path(p).write_text(json.dumps(
+        llama.atomic_write(out / "scen.json", lambda p: Path(p).write_text(json.dumps(
             {"settings": asdict(self.s), "meta": self.meta, "log": self.log}, indent=1)))
 
     def load(self, out):
@@ -421,19 +424,8 @@ class Editor:
         return self
 
 
-def _atomic(path: Path, write):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _save_st(tensors: dict, path: Path):
-    _atomic(path, lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, p))
+    llama.atomic_write(path, lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, p))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,7 +433,6 @@ def _save_st(tensors: dict, path: Path):
 
 def encode(tok, template, rec):
     """(ids, target_start) of prompt + target + end token, as generation would produce them."""
-    import data
     e = data.encode_prompt_target(tok, template, rec.prompt, rec.target_new, add_eos=True)
     return e.ids, e.target_start
 
@@ -460,7 +451,6 @@ def run_edits(editor, tok, template, records, log=print):
 
 def evaluate(model, tok, template, records, loc_pairs, prepare=None, before=None, batch_size=16):
     """Reliability / Generality / Locality, generation exact match and teacher-forced (eval.py)."""
-    import eval as ev
     em = ev.LlamaEvalModel(model, tok, template, prepare=prepare)
     return ev.evaluate_qa(em, tok, template, records, loc_pairs=loc_pairs, before=before, batch_size=batch_size)
 
@@ -548,7 +538,6 @@ def query(args):
     st = json.loads((out / "scen.json").read_text())
     s, meta = Settings(**st["settings"]), st["meta"]
     model, tok = load_model(meta["ckpt"], args.device, args.dtype)
-    import data
     template = data.template_for(tok, meta["template"], meta.get("system"))
     ed = Editor(model, s, [data.encode_prompt(tok, template, q) for q in meta["unrelated"]], meta=meta).load(out)
     ids = data.encode_prompt(tok, template, args.prompt)
@@ -561,8 +550,6 @@ def query(args):
 
 def edit_run(args, s: Settings, ckpt, edits, loc, out, template_name, unrelated_file=None, log=print, system=None):
     """Validate everything, load, edit (resuming), evaluate; returns the figures."""
-    import data
-    import eval as ev
     try:
         records = data.load_edits(edits, args.format, n=args.n)
         loc_pairs = [(r.prompt, r.target_new) for r in data.load_edits(loc)] if loc else None
@@ -614,7 +601,6 @@ def edit_run(args, s: Settings, ckpt, edits, loc, out, template_name, unrelated_
 
 def demo(log=print):
     """`python scen.py`: the demo world's QA edits, unedited vs FT vs SCEN."""
-    import train_sft
     p = train_sft.ensure_demo(log=log)
     args = parser().parse_args([])
     figs = {}

@@ -195,5 +195,5 @@ def test_cli_settings_paper_and_code_loss():
 
 def test_default_layer_scales_with_depth():
     assert scen.default_layer(32, 20 / 32) == 20 and scen.default_layer(30, 20 / 32) == 19   # the paper's
-    assert scen.default_layer(30) == 24 and scen.default_layer(2) == 1
+    assert scen.default_layer(30) == 24 and scen.default_layer(6) == 4 and scen.default_layer(2) == 1
     assert scen.Editor(tiny_model(0), scen.Settings(expert_lr=1e-2), UNREL).s.layer == 1
