@@ -194,10 +194,8 @@ def load_or_compute_c0(model, tok, text_path, layers, n_tokens, cache_dir, chunk
 
 
 def atomic_save(tensors: dict, path: Path, metadata: dict | None = None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    """safetensors file written to a temp name, then renamed over `path` (llama.atomic_write)."""
+    llama.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ def scale(args, records, log):
     C0, n_tok = nse.key_second_moment(model, tok, Path(args.stats_text).read_text(), layers, args.stats_tokens)
     t_c0 = time.perf_counter() - t
     d = nse.derive_scale_defaults(model, tok, records, templates, layers, C0)
-    hp = nse.HParams(layers, lam=d["lam"], alpha=d["alpha"], upper_bound=d["upper_bound"], v_steps=args.v_steps,
+    hp = nse.HParams(layers, lam=d["lam"], alpha=args.scale_alpha or d["alpha"], upper_bound=d["upper_bound"], v_steps=args.v_steps,
                      max_iterations=args.max_iterations)
     state = nse.EditState.fresh(model, layers)
     timer = {}
@@ -169,6 +169,7 @@ def main():
     ap.add_argument("--scale-ckpt", default="/work/scale/llama2-7b-random", help="--method scale: 7B-shaped checkpoint")
     ap.add_argument("--scale-contexts", type=int, default=0, help="--method scale: context prefixes besides the bare prompt")
     ap.add_argument("--scale-layers", default=None, help="--method scale: edited layers (default: nse.default_layers)")
+    ap.add_argument("--scale-alpha", type=float, default=None, help="--method scale: alpha (default: derived)")
     ap.add_argument("--v-steps", type=int, default=25, help="z steps (the scale run uses fewer)")
     ap.add_argument("--max-iterations", type=int, default=3, help="NSE passes per batch")
     ap.add_argument("--method", choices=["nse", "memit", "unedited", "reference", "merge", "scale", "zcpu"], default="merge",
