@@ -186,6 +186,21 @@ def apply_rope(x, cos, sin):
     return x * cos[:, None] + rotated * sin[:, None]          # cos/sin broadcast over heads
 
 
+class _WidenOnTheFly(torch.autograd.Function):
+    """y = x W^T for a frozen narrow W: backward widens W again (dL/dx = g W) rather than keeping
+    the widened copy alive until then, so autograd memory holds activations, not fp32 weights."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(w)
+        return F.linear(x, w.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, g):
+        (w,) = ctx.saved_tensors
+        return g @ w.to(g.dtype), None
+
+
 class Linear(nn.Linear):
     """y = x W^T. The weight may be stored in a narrower dtype than x (bf16 weights, fp32 compute on a
     CPU): it is then widened on the fly, so memory holds one narrow copy. For a few tokens without
@@ -197,8 +212,12 @@ class Linear(nn.Linear):
         w = self.weight
         if w.dtype == x.dtype:
             return F.linear(x, w)
-        if x.numel() > self.ROWS * x.shape[-1] or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
-            return F.linear(x, w.to(x.dtype))      # many tokens (compute-bound) or autograd: widen it all
+        if torch.is_grad_enabled() and (w.requires_grad or x.requires_grad):
+            if w.requires_grad:
+                return F.linear(x, w.to(x.dtype))  # training the narrow weight itself
+            return _WidenOnTheFly.apply(x, w)
+        if x.numel() > self.ROWS * x.shape[-1]:
+            return F.linear(x, w.to(x.dtype))      # many tokens: compute-bound, widen it all
         out = x.new_empty(*x.shape[:-1], w.shape[0])
         buf = x.new_empty(min(self.ROWS, w.shape[0]), w.shape[1])
         for r in range(0, w.shape[0], self.ROWS):  # y[..., r:r+ROWS] = x W[r:r+ROWS]^T

@@ -236,24 +236,6 @@ def z_rows(tok, records, templates):
     return rows
 
 
-def upper_blocks(model, h, start, end, mask, pos, cache):
-    """Blocks start..end-1 with gradients to h. With weights narrower than the compute dtype (bf16
-    weights, fp32 compute) autograd would keep a widened fp32 copy of every weight (19 GB above
-    layer 8 of a 7B model), so each block but the last is checkpointed: recomputed in backward."""
-    if model.layers[start].mlp.down_proj.weight.dtype == h.dtype:
-        return model.run_layers(h, start, end, mask, pos, cache=cache)
-    from torch.utils.checkpoint import checkpoint
-    length = cache.length
-
-    def block(x, i):
-        x = model.run_layers(x, i, i + 1, mask, pos, cache=cache)
-        cache.length = length          # the last block advances the cache: keep it for the recompute
-        return x
-    for i in range(start, end - 1):
-        h = checkpoint(block, h, i, use_reentrant=False)
-    return block(h, end - 1)
-
-
 def compute_z(model, tok, records, templates, hp: HParams, log=None):
     """z_i = h_i + delta_i, delta_i = argmin  mean_c NLL(target | c + prompt; h_l0[s] += delta)
                                              + kl_factor KL(p_0 || p_delta)("{subject}" next token)
@@ -310,7 +292,7 @@ def compute_z(model, tok, records, templates, hp: HParams, log=None):
         sub.key_mask, sub.length = cache.key_mask[rsel].clone(), P
         d = delta[req[rsel]].to(h0.dtype)                        # (rows, D)
         h = torch.cat([h0[rsel, :1] + d[:, None], h0[rsel, 1:]], 1)
-        out = upper_blocks(model, h, l0 + 1, L, suf_mask[rsel], suf_pos[rsel], sub)
+        out = model.run_layers(h, l0 + 1, L, suf_mask[rsel], suf_pos[rsel], cache=sub)
         keep = active[req[lrow]]
         logp = model.head(out[new_id[lrow[keep]], lcol[keep]]).float().log_softmax(-1)   # (N, V)
         tok_nll = -logp.gather(1, ltok[keep].to(dev)[:, None])[:, 0] * lw[keep].to(dev)

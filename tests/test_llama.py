@@ -293,3 +293,23 @@ def test_bf16_weights_with_fp32_compute_equal_fp32_model_of_rounded_weights(tmp_
     x = torch.randint(0, 97, (2, 6))
     assert torch.allclose(narrow(x), wide(x), atol=1e-5)
     assert llama.generate(narrow, [[1, 2, 3]], 5, eos_ids=[]) == llama.generate(wide, [[1, 2, 3]], 5, eos_ids=[])
+
+
+def test_narrow_frozen_weights_give_fp32_gradients_without_keeping_wide_copies(tmp_path):
+    model = tiny_model(seed=9)
+    model.save_pretrained(tmp_path, dtype="bfloat16")
+    narrow = llama.Llama.from_pretrained(tmp_path, dtype=torch.bfloat16, compute_dtype=torch.float32).requires_grad_(False)
+    wide = llama.Llama.from_pretrained(tmp_path, dtype=torch.float32).requires_grad_(False)
+    x = torch.randint(0, 97, (2, 6))
+    grads, saved = [], []
+    for m in (narrow, wide):
+        h = m.embed(x).detach().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((m is narrow, t.dtype, t.dim())) or t, lambda t: t):
+            m.head(m.run_layers(h, 0, 2)).square().mean().backward()
+        grads.append(h.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+    # autograd keeps the narrow model's matrices in bf16 (7 per block, 2 blocks, lm_head), never a
+    # widened fp32 copy of them; the fp32 model keeps its 15 fp32 matrices
+    matrices = lambda narrow_run, dt: sum(1 for n, d, dim in saved if n == narrow_run and d == dt and dim == 2)
+    assert matrices(True, torch.bfloat16) == 15 and matrices(True, torch.float32) == 0
+    assert matrices(False, torch.float32) == 15
