@@ -139,7 +139,7 @@ class Bench:
         ed = scen.Editor(self.model, s, self.unrel_ids, out)
         key = tuple(getattr(ed.s, k) for k in EXPERT_KEYS)
         cached = self.expert_cache.get(key) if (reuse and s.method == "scen") else None
-        secs, experts = [], []
+        secs = []
         t0 = time.perf_counter()
         for i, (ids, ts) in enumerate(self.enc):
             r = ed.edit(ids, ts, {"prompt": self.records[i].prompt}, expert=cached[i] if cached else None)

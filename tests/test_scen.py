@@ -1,5 +1,4 @@
 """SCEN: losses, neurons, routing, editing a tiny random Llama, persistence, bad inputs."""
-import copy
 import json
 
 import pytest
