@@ -98,15 +98,6 @@ def key_rows(tok, records, templates):
     return rows
 
 
-def pad_right(seqs, pad_id=0):
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s, dtype=torch.long), 1
-    return ids, mask
-
-
 # ----------------------------------------------------------------------------------------------
 # Step 5: C0 = E[k k^T] over a corpus, per edited layer, cached on disk
 
@@ -154,7 +145,7 @@ def key_second_moment(model, tok, text: str, layers, n_tokens: int, chunk: int =
     seqs = corpus_chunks(tok, text, n_tokens, chunk)
     n = 0
     for b in range(0, len(seqs), batch):
-        ids, mask = pad_right(seqs[b:b + batch])
+        ids, mask = llama.pad_batch(seqs[b:b + batch], side="right")
         trace = llama.Trace()
         model.run_layers(model.embed(ids.to(model.device)), 0, max(layers) + 1, mask.to(model.device), trace=trace)
         keep = mask.bool().to(model.device)
@@ -256,7 +247,7 @@ def compute_z(model, tok, records, templates, hp: HParams, log=None):
     for j, r in enumerate(rows):                                 # left-pad the prefixes
         if r[1]:
             pre[j, P - r[1]:], pre_mask[j, P - r[1]:] = torch.tensor(r[0][:r[1]]), 1
-    suf, suf_mask = pad_right(suffix)
+    suf, suf_mask = llama.pad_batch(suffix, side="right")
     suf_pos = pre_mask.sum(1, keepdim=True) + torch.arange(Ts)[None]          # (R, Ts) rope positions
     req = torch.tensor([r[4] for r in rows])
     kl_rows = torch.tensor([j for j, r in enumerate(rows) if r[5]])           # one per request, in order
@@ -328,7 +319,7 @@ def subject_states(model, tok, records, templates, layers, z_layer):
     """K[l] (F, n): 0.5 * k(bare prompt) + 0.5 * mean_c k(c + prompt) at the subject's last token
     (step 2), and H (n, D): the output of block z_layer there, on the bare prompt."""
     rows = key_rows(tok, records, templates)
-    ids, mask = pad_right([r[0] for r in rows])
+    ids, mask = llama.pad_batch([r[0] for r in rows], side="right")
     trace = llama.Trace()
     top = max(list(layers) + [z_layer]) + 1
     model.run_layers(model.embed(ids.to(model.device)), 0, top, mask.to(model.device), trace=trace)
