@@ -580,6 +580,13 @@ def atomic_write(path, write_fn):
             os.remove(tmp)
 
 
+def write_safetensors(path, tensors: dict, metadata: dict | None = None):
+    """Tensors (detached, moved to the CPU, made contiguous) to a .safetensors file, atomically."""
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
 def write_json(path, obj):
     path = Path(path)
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
@@ -595,7 +602,6 @@ def save_checkpoint(model: Llama, out_dir, tokenizer_dir=None, dtype=None, max_s
     Each file is written atomically; the index is written after its shards, and shards of an
     earlier save that the new index does not name are removed last.
     """
-    from safetensors.torch import save_file
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -614,8 +620,7 @@ def save_checkpoint(model: Llama, out_dir, tokenizer_dir=None, dtype=None, max_s
     names = (["model.safetensors"] if len(groups) == 1 else
              [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
     for fname, group in zip(names, groups):
-        atomic_write(out_dir / fname, lambda tmp, g=group: save_file({n: tensors[n] for n in g}, tmp,
-                                                                       metadata={"format": "pt"}))
+        write_safetensors(out_dir / fname, {n: tensors[n] for n in group}, metadata={"format": "pt"})
     index = out_dir / "model.safetensors.index.json"
     if len(groups) > 1:
         write_json(index, {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},

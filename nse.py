@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import data
 import llama
@@ -179,14 +179,9 @@ def load_or_compute_c0(model, tok, text_path, layers, n_tokens, cache_dir, chunk
         for l in missing:
             path, key = paths[l]
             meta = {k: str(v) for k, v in key.items()} | {"tokens_used": str(n)}
-            atomic_save({"C0": C0[l].contiguous()}, path, meta)
+            llama.write_safetensors(path, {"C0": C0[l]}, meta)
             out[l] = C0[l]
     return out
-
-
-def atomic_save(tensors: dict, path: Path, metadata: dict | None = None):
-    """safetensors file written to a temp name, then renamed over `path` (llama.atomic_write)."""
-    llama.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,11 +471,11 @@ def save_state(out: Path, model, state: EditState, meta: dict):
     """OUT/nse_state.safetensors: W0.l, Cp.l, W.l (current) and the progress, written atomically."""
     t = {}
     for l in state.W0:
-        t[f"W0.{l}"] = state.W0[l].contiguous()
-        t[f"Cp.{l}"] = state.Cp[l].contiguous()
-        t[f"W.{l}"] = model.layers[l].mlp.down_proj.weight.detach().contiguous()
-    atomic_save(t, out / "nse_state.safetensors",
-                {"meta": json.dumps(meta), "n_done": str(state.n_done), "log": json.dumps(state.log)})
+        t[f"W0.{l}"] = state.W0[l]
+        t[f"Cp.{l}"] = state.Cp[l]
+        t[f"W.{l}"] = model.layers[l].mlp.down_proj.weight
+    llama.write_safetensors(out / "nse_state.safetensors", t,
+                            {"meta": json.dumps(meta), "n_done": str(state.n_done), "log": json.dumps(state.log)})
 
 
 def check_state(out: Path, meta: dict) -> dict:

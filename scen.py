@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import data
 import eval as ev
@@ -397,12 +397,13 @@ class Editor:
         (out / "experts").mkdir(parents=True, exist_ok=True)
         t = len(self.log)
         if self.s.method == "scen":
-            _save_st({"weight": self.router.experts[-1].contiguous()}, out / "experts" / f"expert_{t:05d}.safetensors")
-            _save_st({"W": self.router.W, "b": self.router.b, "U": torch.stack(self.U),
-                      "U_unrel": self.U_unrel}, out / "index.safetensors")
+            llama.write_safetensors(out / "experts" / f"expert_{t:05d}.safetensors",
+                                    {"weight": self.router.experts[-1]})
+            llama.write_safetensors(out / "index.safetensors", {"W": self.router.W, "b": self.router.b,
+                                                                "U": torch.stack(self.U), "U_unrel": self.U_unrel})
         else:
-            _save_st({"weight": self.ft.weight.detach(), "U": torch.stack(self.U), "U_unrel": self.U_unrel},
-                     out / "ft_down.safetensors")
+            llama.write_safetensors(out / "ft_down.safetensors", {"weight": self.ft.weight,
+                                                                  "U": torch.stack(self.U), "U_unrel": self.U_unrel})
         llama.atomic_write(out / "scen.json", lambda p: Path(p).write_text(json.dumps(
             {"settings": asdict(self.s), "meta": self.meta, "log": self.log}, indent=1)))
 
@@ -422,10 +423,6 @@ class Editor:
             self.ft.weight.data.copy_(ft["weight"])
             self.U = list(ft["U"])
         return self
-
-
-def _save_st(tensors: dict, path: Path):
-    llama.atomic_write(path, lambda p: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, p))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -168,12 +168,11 @@ def _fmt_time(s: float) -> str:
 
 def _save_optimizer(opt, path: Path, meta: dict) -> None:
     """AdamW state as safetensors: tensors '<param index>.<name>', param groups in the metadata."""
-    from safetensors.torch import save_file
     sd = opt.state_dict()
     tensors = {f"{i}.{k}": v.detach().cpu().contiguous().reshape(v.shape)
                for i, st in sd["state"].items() for k, v in st.items() if torch.is_tensor(v)}
     md = {"param_groups": json.dumps(sd["param_groups"]), "meta": json.dumps(meta)}
-    llama.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=md))
+    llama.write_safetensors(path, tensors, metadata=md)
 
 
 def _load_optimizer(opt, path: Path) -> dict:
