@@ -155,33 +155,54 @@ def key_second_moment(model, tok, text: str, layers, n_tokens: int, chunk: int =
         n += int(keep.sum())
     if n == 0:
         raise EditError("stats text: no tokens to compute C0 from")
-    return {l: acc[l].div_(n) for l in layers}, n
+    # k^T k in float32 need not come out exactly symmetric; the Cholesky solve reads one triangle
+    return {l: acc[l].add_(acc[l].T.clone()).div_(2 * n) for l in layers}, n
 
 
-def load_or_compute_c0(model, tok, text_path, layers, n_tokens, cache_dir, chunk=512, log=print):
-    """C0 per layer from the cache when its key matches exactly, else computed and cached atomically."""
+class C0Store(dict):
+    """C0 per layer, {layer: tensor}; layers whose file is in `on_disk` are read when asked for and
+    not kept (a 7B layer's C0 is 485 MB: five of them would not fit beside the weights in 24 GB)."""
+
+    def __init__(self, in_memory: dict, on_disk: dict):
+        super().__init__(in_memory)
+        self.on_disk = on_disk
+
+    def __missing__(self, l):
+        if l not in self.on_disk:
+            raise KeyError(l)
+        return load_file(self.on_disk[l])["C0"]
+
+    def __contains__(self, l):
+        return dict.__contains__(self, l) or l in self.on_disk
+
+
+def load_or_compute_c0(model, tok, text_path, layers, n_tokens, cache_dir, chunk=512, log=print,
+                       keep_bytes: int = 1 << 30):
+    """C0 per layer from the cache when its key matches exactly, else computed and cached atomically.
+    Kept in memory when all layers together take at most keep_bytes, else read per use (C0Store)."""
     text = Path(text_path).read_text(encoding="utf-8")
     corpus = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
-    out, missing, paths = {}, [], {}
+    paths, missing = {}, []
     fingerprints = weights_fingerprints(model, layers)
     for l in layers:
         key = dict(weights=fingerprints[l], layer=l, corpus=corpus, n_tokens=n_tokens, chunk=chunk)
         name = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=12).hexdigest()
         paths[l] = (Path(cache_dir) / f"c0-layer{l}-{name}.safetensors", key)
-        if paths[l][0].exists():
-            out[l] = load_file(paths[l][0])["C0"]
-        else:
+        if not paths[l][0].exists():
             missing.append(l)
+    fresh = {}
     if missing:
         t0 = time.perf_counter()
-        C0, n = key_second_moment(model, tok, text, missing, n_tokens, chunk)
+        fresh, n = key_second_moment(model, tok, text, missing, n_tokens, chunk)
         log(f"C0: layers {missing}, {n} tokens of {Path(text_path).name}, {time.perf_counter() - t0:.0f} s")
         for l in missing:
             path, key = paths[l]
             meta = {k: str(v) for k, v in key.items()} | {"tokens_used": str(n)}
-            llama.write_safetensors(path, {"C0": C0[l]}, meta)
-            out[l] = C0[l]
-    return out
+            llama.write_safetensors(path, {"C0": fresh[l]}, meta)
+    F_ = model.config.intermediate_size
+    if len(layers) * F_ * F_ * 4 <= keep_bytes:
+        return C0Store({l: fresh[l] if l in fresh else load_file(paths[l][0])["C0"] for l in layers}, {})
+    return C0Store({}, {l: paths[l][0] for l in layers})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,7 +371,8 @@ def solve_update(R, K_S, C0_SS, Cp_SS, lam: float) -> torch.Tensor:
     layer's system is 11008^2); a ridge is added only if the matrix is not positive definite.""" 
     K64 = K_S.double()
     A = C0_SS.double().mul_(lam)                                 # (|S|, |S|)
-    A += Cp_SS
+    if Cp_SS is not None:                                        # None: no earlier batch yet
+        A += Cp_SS
     A.addmm_(K64, K64.T)
     return torch.cholesky_solve(K64 @ R.double().T, cholesky_ridged(A)).T   # (D, |S|)
 
@@ -375,7 +397,8 @@ def restrict(C: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
 @dataclass
 class EditState:
     """What sequential editing carries across batches: W0 (original down projections of the
-    edited layers, for rewinding), Cp (sum of K K^T of every edited request), progress."""
+    edited layers, for rewinding), Cp (sum of K K^T of every edited request; made by the first
+    batch), progress."""
     W0: dict
     Cp: dict
     n_done: int = 0
@@ -383,9 +406,7 @@ class EditState:
 
     @classmethod
     def fresh(cls, model, layers):
-        F_ = model.config.intermediate_size
-        return cls({l: model.layers[l].mlp.down_proj.weight.detach().clone() for l in layers},
-                   {l: torch.zeros(F_, F_) for l in layers})
+        return cls({l: model.layers[l].mlp.down_proj.weight.detach().clone() for l in layers}, {})
 
 
 def edit_batch(model, tok, records, templates, hp: HParams, state: EditState, C0: dict, timer: dict):
@@ -417,7 +438,8 @@ def edit_batch(model, tok, records, templates, hp: HParams, state: EditState, C0
             Rj = (Z[sel] - H).T / (len(layers) - j)              # (D, n): residual spread over layers left
             timer["keys"] = timer.get("keys", 0.0) + time.perf_counter() - t
             t = time.perf_counter()
-            dW = solve_update(Rj, K[S], restrict(C0[l], S), restrict(state.Cp[l], S), hp.lam)
+            Cp = state.Cp.get(l)
+            dW = solve_update(Rj, K[S], restrict(C0[l], S), None if Cp is None else restrict(Cp, S), hp.lam)
             w = model.layers[l].mlp.down_proj.weight
             if len(S) == w.shape[1]:
                 w.data.copy_(w.data.double().add_(dW.to(w.device)))
@@ -428,7 +450,9 @@ def edit_batch(model, tok, records, templates, hp: HParams, state: EditState, C0
     t = time.perf_counter()
     K, H = subject_states(model, tok, records, templates, layers, l0)  # step 4: Cp += K K^T
     for l in layers:
-        state.Cp[l] += (K[l] @ K[l].T).to(state.Cp[l].dtype)
+        KKt = K[l] @ K[l].T                                                  # (F, F)
+        KKt = (KKt + KKt.T) / 2                                              # exactly symmetric
+        state.Cp[l] = KKt.float() if state.Cp.get(l) is None else state.Cp[l].add_(KKt.to(state.Cp[l].dtype))
     r = (Z - H).norm(dim=1)
     blog["final_r"] = r.tolist()
     blog["left_above_upper"] = [i for i in range(len(records)) if r[i] >= hp.upper_bound]
@@ -472,7 +496,8 @@ def save_state(out: Path, model, state: EditState, meta: dict):
     t = {}
     for l in state.W0:
         t[f"W0.{l}"] = state.W0[l]
-        t[f"Cp.{l}"] = state.Cp[l]
+        if l in state.Cp:
+            t[f"Cp.{l}"] = state.Cp[l]
         t[f"W.{l}"] = model.layers[l].mlp.down_proj.weight
     llama.write_safetensors(out / "nse_state.safetensors", t,
                             {"meta": json.dumps(meta), "n_done": str(state.n_done), "log": json.dumps(state.log)})
@@ -499,7 +524,7 @@ def load_state(out: Path, model) -> EditState:
     t, layers = load_file(str(path)), json.loads(info["meta"])["layers"]
     for l in layers:
         model.layers[l].mlp.down_proj.weight.data.copy_(t[f"W.{l}"])
-    return EditState({l: t[f"W0.{l}"] for l in layers}, {l: t[f"Cp.{l}"] for l in layers},
+    return EditState({l: t[f"W0.{l}"] for l in layers}, {l: t[f"Cp.{l}"] for l in layers if f"Cp.{l}" in t},
                      int(info["n_done"]), json.loads(info["log"]))
 
 

@@ -551,6 +551,8 @@ def edit_run(args, s: Settings, ckpt, edits, loc, out, template_name, unrelated_
         records = data.load_edits(edits, args.format, n=args.n)
         loc_pairs = [(r.prompt, r.target_new) for r in data.load_edits(loc)] if loc else None
         unrel = [r.prompt for r in data.load_edits(unrelated_file)] if unrelated_file else UNRELATED
+        edit_prompts = {r.prompt for r in records}
+        unrel = [q for q in unrel if q not in edit_prompts]      # an edit's own prompt is no negative
     except data.DataError as e:
         fail(str(e))
     out = Path(out) if out else None

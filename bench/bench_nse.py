@@ -83,7 +83,8 @@ def scale(args, records, log):
               else nse.default_layers(model.config.num_hidden_layers))
     templates = nse.context_templates(model, tok, args.seed, n=args.scale_contexts) if args.scale_contexts else ["{}"]
     t = time.perf_counter()
-    C0, n_tok = nse.key_second_moment(model, tok, Path(args.stats_text).read_text(), layers, args.stats_tokens)
+    C0 = nse.load_or_compute_c0(model, tok, args.stats_text, layers, args.stats_tokens, args.cache_dir, log=log)
+    n_tok = args.stats_tokens                     # C0 is read from the cache per layer when used
     t_c0 = time.perf_counter() - t
     d = nse.derive_scale_defaults(model, tok, records, templates, layers, C0)
     hp = nse.HParams(layers, lam=d["lam"], alpha=args.scale_alpha or d["alpha"], upper_bound=d["upper_bound"], v_steps=args.v_steps,
@@ -98,7 +99,8 @@ def scale(args, records, log):
            "stats_tokens": n_tok, "v_steps": args.v_steps, "max_iterations": args.max_iterations, "hparams_derived": d, "seconds_load": t_load,
            "seconds_c0": t_c0, "seconds_edit": t_edit, "seconds_parts": timer,
            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-           "c0_bytes": nbytes(C0), "cp_bytes": nbytes(state.Cp), "w0_bytes": nbytes(state.W0), "batch": blog,
+           "c0_bytes": sum(nbytes({l: C0[l]}) for l in layers), "c0_held_in_memory": dict.__len__(C0) > 0,
+           "cp_bytes": nbytes(state.Cp), "w0_bytes": nbytes(state.W0), "batch": blog,
            "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
     data.atomic_write_text(Path(args.results) / "nse_scale_7b.json", json.dumps(res, indent=1, default=str) + "\n")
     log(json.dumps({k: v for k, v in res.items() if k not in ("batch", "contexts")}, default=str))

@@ -67,7 +67,13 @@ ABLATION += [("defaults, --loss code", dict(loss="code")),
              ("defaults without retrain", dict(retrain=False)),
              ("defaults, theta 0.55", dict(theta=0.55)),
              ("defaults, expert lr 3e-3", dict(expert_lr=3e-3)),
-             ("defaults, layer at 20/32 depth (the paper's)", dict(depth=20 / 32))]
+             ("defaults, layer at 20/32 depth (the paper's)", dict(depth=20 / 32)),
+             # Locality levers at 200 edits (n_unrelated: how many of --unrelated's prompts are
+             # loaded; needs --n-unrelated at least as large)
+             ("defaults, 64 unrelated prompts", dict(n_unrelated=64)),
+             ("defaults, 256 unrelated prompts", dict(n_unrelated=256)),
+             ("defaults, 900 unrelated prompts", dict(n_unrelated=900)),
+             ("defaults, 900 unrelated prompts, neg margin 0.45", dict(n_unrelated=900, neg_margin=0.45))]
 
 
 def atomic_json(path: Path, obj):
@@ -134,9 +140,13 @@ class Bench:
         self.res["unedited"]["latency_10tok_edit_q_s"] = self.latency(queries=[r.prompt for r in self.records])
         self.res["unedited"]["latency_10tok_loc_q_s"] = self.latency(queries=self.loc_queries())
 
-    def run(self, s: scen.Settings, out=None, reuse=True, log=True):
-        """Sequential edits with settings s on the model; returns (editor, per-edit seconds)."""
-        ed = scen.Editor(self.model, s, self.unrel_ids, out)
+    def run(self, s: scen.Settings, out=None, reuse=True, log=True, n_unrelated=None):
+        """Sequential edits with settings s on the model; returns (editor, per-edit seconds).
+        n_unrelated: use only the first n unrelated prompts (default all loaded: --n-unrelated)."""
+        if n_unrelated is not None and n_unrelated > len(self.unrel_ids):
+            raise SystemExit(f"an ablation row asks for {n_unrelated} unrelated prompts; --n-unrelated "
+                             f"loaded {len(self.unrel_ids)}")
+        ed = scen.Editor(self.model, s, self.unrel_ids[:n_unrelated or self.a.n_unrelated], out)
         key = tuple(getattr(ed.s, k) for k in EXPERT_KEYS)
         cached = self.expert_cache.get(key) if (reuse and s.method == "scen") else None
         secs = []
@@ -229,12 +239,15 @@ class Bench:
                 if name in self.res["ablation"]:
                     continue
                 print("ablation:", name, flush=True)
-                ed, secs = self.run(replace(scen.Settings(), **over), log=False)
+                over = dict(over)
+                n_unrel = over.pop("n_unrelated", None)
+                ed, secs = self.run(replace(scen.Settings(), **over), log=False, n_unrelated=n_unrel)
                 r = self.evaluate(ed.prepare)
                 r.update(self.time_figs(secs, ed, None))
                 if name in ("paper", "+expert until reproduced (lr 1e-3, cap 60)") or "expert" in name or "layer" in name:
                     r["oracle"] = self.oracle(ed)
                 r["fired_own_on_edit"] = sum(x["routed_to"] == i for i, x in enumerate(ed.log))
+                r["n_unrelated"] = len(ed.U_unrel)
                 self.res["ablation"][name] = r
                 self.restore(ed)
                 self.save()

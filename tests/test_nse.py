@@ -70,6 +70,9 @@ def test_restricted_update_is_the_exact_least_squares_solution():
     C0 = A @ A.T / (3 * Fs)
     B = torch.randn(Fs, 2, generator=g)
     Cp, lam = B @ B.T, 2.5
+    # a float32 A @ A.T need not be exactly symmetric (it depends on the CPU's gemm kernel), and the
+    # Cholesky solve reads one triangle: make both exactly symmetric, as nse.py's C0 and Cp are
+    C0, Cp = (C0 + C0.T) / 2, (Cp + Cp.T) / 2
     dW = nse.solve_update(R, K, C0, Cp, lam)
     # min ||X K - R||^2 + ||X L||^2 with L L^T = lam C0 + Cp: least squares on stacked columns
     L = torch.linalg.cholesky(lam * C0.double() + Cp.double())
@@ -204,6 +207,9 @@ def test_c0_cache_reuses_and_invalidates(tmp_path):
         model.layers[0].mlp.up_proj.weight.mul_(1.5)               # other weights below layer 1
     c = nse.load_or_compute_c0(model, TOK, text, [1], 300, cache, chunk=64, log=logs.append)
     assert len(logs) == 4 and not torch.allclose(c[1], b[1])
+    d = nse.load_or_compute_c0(model, TOK, text, [1], 300, cache, chunk=64, log=logs.append, keep_bytes=0)
+    assert len(logs) == 4 and dict.__len__(d) == 0 and 1 in d       # above keep_bytes: read per use
+    assert torch.equal(d[1], c[1]) and d[1] is not d[1]
 
 
 # -- the CLI: bad inputs, save / resume ----------------------------------------------------------
