@@ -707,7 +707,9 @@ class Tokenizer:
         return ids
 
     def decode(self, ids, skip_special=False):
-        """ids -> text; added tokens decode to their string (special ones dropped if skip_special)."""
+        """ids -> text; added tokens decode to their string (special ones dropped if skip_special).
+        Ids the vocabulary lacks (a model whose embedding is padded past the tokenizer) decode to
+        nothing, as in the `tokenizers` library."""
         out, run = [], []
         for i in ids:
             if i in self._added_by_id:
@@ -868,7 +870,7 @@ class BPETokenizer(Tokenizer):
         return ids
 
     def _decode_ordinary(self, ids):
-        data = bytes(self.byte_dec[c] for i in ids for c in self.id_to_token[i])
+        data = bytes(self.byte_dec[c] for i in ids for c in self.id_to_token.get(i, ""))
         return data.decode("utf-8", errors="replace")
 
     def id_to_piece(self, i):

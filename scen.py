@@ -62,7 +62,8 @@ class Settings:
     beta: float = 0.3
     m: float = 1.0
     neuron_lr: float = 1e-2       # paper/code: 1e-4
-    neuron_steps: int = 400       # paper: exactly 20; here a cap when neuron_until
+    neuron_steps: int = 1500      # paper: exactly 20; here a cap when neuron_until (400 -> 1500: Rel/Gen/Loc
+                                  # 98.0/92.5/90.6 -> 98.5/94.0/95.3 after 200 SmolLM2 edits)
     neuron_until: bool = True     # train until separated: own a > theta+pos_margin, negatives < theta-neg_margin
     pos_margin: float = 0.2
     neg_margin: float = 0.3
@@ -482,8 +483,10 @@ def parser():
     a("--edits", help="edit records (.json/.jsonl: ZsRE, EasyEdit, the project's JSONL)")
     a("--format", default=None, help="edits format (default: detect)")
     a("--loc", help="records whose (prompt, target_new) are the Locality pairs (D_loc)")
-    a("--unrelated", help="records whose prompts centre the features and serve as negatives "
-                          "(default: a built-in list of general questions)")
+    a("--unrelated", help="records whose prompts centre the features and serve as negatives: give "
+                          "~1000 prompts of the kind the model will be asked (e.g. its SFT set; "
+                          "measured: Locality 75 with 64, 91 with 900 after 200 edits); default: a "
+                          "built-in list of 16 general questions")
     a("--template", default="auto", help="auto | llama2 ([INST]q[/INST], SCEN) | chatml | raw")
     a("--system", default=None, help="chatml: the system message ('' = empty; default: the template's)")
     a("--n", type=int, help="edit the first n records")
@@ -565,6 +568,8 @@ def edit_run(args, s: Settings, ckpt, edits, loc, out, template_name, unrelated_
     except (llama.CheckpointError, FileNotFoundError) as e:
         fail(str(e))
     template = data.template_for(tok, template_name, system)
+    if template.end_id(tok) is None:
+        fail(f"{ckpt}: the tokenizer has no end token (EOS); the expert is trained on target + end token")
     meta = {"ckpt": str(Path(ckpt).resolve()), "template": template.kind, "system": system, "edits": str(edits),
             "unrelated": unrel}
     rep = ev.Report(f"{s.method.upper()} sequential editing", {**asdict(s), **meta, "n": len(records)})

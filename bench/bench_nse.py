@@ -75,10 +75,13 @@ def scale(args, records, log):
     """One NSE batch on the random-weight Llama-2-7B-shaped checkpoint: bf16 weights, fp32 compute.
     Reports seconds, peak RSS, and the bytes of C0 and Cp (5 layers of 11008^2 float32 each)."""
     import resource
+    peak = {}                                    # high-water mark of RSS after each phase
+    mark = lambda phase: peak.__setitem__(phase, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     t0 = time.perf_counter()
     model = llama.Llama.from_pretrained(args.scale_ckpt, dtype=torch.bfloat16, compute_dtype=torch.float32)
     tok = nse.load_tokenizer(args.scale_ckpt)
     t_load = time.perf_counter() - t0
+    mark("load")
     layers = ([int(x) for x in args.scale_layers.split(",")] if args.scale_layers
               else nse.default_layers(model.config.num_hidden_layers))
     templates = nse.context_templates(model, tok, args.seed, n=args.scale_contexts) if args.scale_contexts else ["{}"]
@@ -86,7 +89,9 @@ def scale(args, records, log):
     C0 = nse.load_or_compute_c0(model, tok, args.stats_text, layers, args.stats_tokens, args.cache_dir, log=log)
     n_tok = args.stats_tokens                     # C0 is read from the cache per layer when used
     t_c0 = time.perf_counter() - t
+    mark("c0")
     d = nse.derive_scale_defaults(model, tok, records, templates, layers, C0)
+    mark("derive_defaults")
     hp = nse.HParams(layers, lam=d["lam"], alpha=args.scale_alpha or d["alpha"], upper_bound=d["upper_bound"], v_steps=args.v_steps,
                      max_iterations=args.max_iterations)
     state = nse.EditState.fresh(model, layers)
@@ -94,15 +99,17 @@ def scale(args, records, log):
     t = time.perf_counter()
     blog = nse.edit_batch(model, tok, records, templates, hp, state, C0, timer)
     t_edit = time.perf_counter() - t
+    mark("edit")
     nbytes = lambda ts: sum(x.numel() * x.element_size() for x in ts.values())
     res = {"ckpt": args.scale_ckpt, "layers": layers, "edits": len(records), "contexts": templates,
            "stats_tokens": n_tok, "v_steps": args.v_steps, "max_iterations": args.max_iterations, "hparams_derived": d, "seconds_load": t_load,
            "seconds_c0": t_c0, "seconds_edit": t_edit, "seconds_parts": timer,
-           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "alpha_used": hp.alpha, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "peak_rss_bytes_after": peak,
            "c0_bytes": sum(nbytes({l: C0[l]}) for l in layers), "c0_held_in_memory": dict.__len__(C0) > 0,
            "cp_bytes": nbytes(state.Cp), "w0_bytes": nbytes(state.W0), "batch": blog,
            "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
-    data.atomic_write_text(Path(args.results) / "nse_scale_7b.json", json.dumps(res, indent=1, default=str) + "\n")
+    data.atomic_write_text(Path(args.results) / f"nse_scale_7b{args.tag}.json", json.dumps(res, indent=1, default=str) + "\n")
     log(json.dumps({k: v for k, v in res.items() if k not in ("batch", "contexts")}, default=str))
 
 

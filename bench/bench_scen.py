@@ -53,7 +53,8 @@ CUMULATIVE = [("paper", {}),
               ("+unrelated prompts as negatives", dict(unrelated_neg=True)),
               ("+retrain old neurons that fire", dict(retrain=True)),
               ("+mean-pooled features", dict(pool="mean")),
-              ("+layer at 0.8 depth instead of 20/32 (= defaults)", dict(depth=0.8))]
+              ("+layer at 0.8 depth instead of 20/32", dict(depth=0.8)),
+              ("+neuron step cap 1500 instead of 400 (= defaults)", dict(neuron_steps=1500))]
 ABLATION, _acc = [], dict(scen.PAPER)
 for _name, _over in CUMULATIVE:
     _acc = {**_acc, **_over}
@@ -69,11 +70,16 @@ ABLATION += [("defaults, --loss code", dict(loss="code")),
              ("defaults, expert lr 3e-3", dict(expert_lr=3e-3)),
              ("defaults, layer at 20/32 depth (the paper's)", dict(depth=20 / 32)),
              # Locality levers at 200 edits (n_unrelated: how many of --unrelated's prompts are
-             # loaded; needs --n-unrelated at least as large)
-             ("defaults, 64 unrelated prompts", dict(n_unrelated=64)),
-             ("defaults, 256 unrelated prompts", dict(n_unrelated=256)),
-             ("defaults, 900 unrelated prompts", dict(n_unrelated=900)),
-             ("defaults, 900 unrelated prompts, neg margin 0.45", dict(n_unrelated=900, neg_margin=0.45))]
+             # loaded; needs --n-unrelated at least as large). Measured while the cap was 400.
+             ("cap 400, 64 unrelated prompts", dict(n_unrelated=64, neuron_steps=400)),
+             ("cap 400, 256 unrelated prompts", dict(n_unrelated=256, neuron_steps=400)),
+             ("cap 400, 900 unrelated prompts", dict(n_unrelated=900, neuron_steps=400)),
+             ("cap 400, 900 unrelated prompts, neg margin 0.45", dict(n_unrelated=900, neuron_steps=400, neg_margin=0.45)),
+             ("cap 400, 900 unrelated prompts, theta 0.8, pos margin 0.1",
+              dict(n_unrelated=900, neuron_steps=400, theta=0.8, pos_margin=0.1)),
+             ("defaults (cap 1500), 900 unrelated prompts", dict(n_unrelated=900)),
+             ("defaults (cap 1500), 900 unrelated prompts, theta 0.8, pos margin 0.1",
+              dict(n_unrelated=900, theta=0.8, pos_margin=0.1))]
 
 
 def atomic_json(path: Path, obj):
@@ -289,7 +295,8 @@ def main():
     ap.add_argument("--unrelated", help="records whose prompts centre the features / are negatives (e.g. the SFT train set)")
     ap.add_argument("--n", type=int, default=200, help="number of sequential edits")
     ap.add_argument("--n-loc", type=int, default=200, help="number of Locality pairs")
-    ap.add_argument("--n-unrelated", type=int, default=64, help="number of unrelated prompts")
+    ap.add_argument("--n-unrelated", type=int, default=900, help="number of unrelated prompts (the first "
+                    "n of --unrelated that are not edit prompts; 64 in the earlier runs)")
     ap.add_argument("--abl-n", type=int, default=100, help="edits per ablation variant")
     ap.add_argument("--abl-loc", type=int, default=100, help="Locality pairs per ablation variant")
     ap.add_argument("--abl-rows", default=None, help="comma-separated indices into ABLATION (default all)")

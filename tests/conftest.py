@@ -1,5 +1,6 @@
 """Shared test fixtures: tiny random Llamas, and the optional ../shared material (skipped when absent)."""
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,22 @@ def tiny_config(**overrides) -> "llama.LlamaConfig":
 def tiny_model(seed=0, **overrides) -> "llama.Llama":
     torch.manual_seed(seed)
     return llama.Llama(tiny_config(**overrides)).reset_parameters(std=0.2)
+
+
+def tiny_checkpoint(ck: Path, **overrides) -> Path:
+    """A tiny random checkpoint folder (HF layout) with a character-level byte-BPE tokenizer.json
+    (no merges: one id per letter; EOS "</s>"), for tests that run a CLI end to end."""
+    tiny_model(**{"num_hidden_layers": 3, "vocab_size": 120, **overrides}).save_pretrained(ck)
+    vocab = {c: i for i, c in enumerate(sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,")))}
+    for c in "\u0120\u010a?" + "0123456789":            # byte-level space and newline, then the rest
+        vocab[c] = len(vocab)
+    eos = {"id": len(vocab), "content": "</s>", "special": True}
+    tj = {"model": {"type": "BPE", "vocab": vocab, "merges": []},
+          "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False}, "added_tokens": [eos],
+          "decoder": {"type": "ByteLevel"}}
+    (ck / "tokenizer.json").write_text(json.dumps(tj))
+    (ck / "tokenizer_config.json").write_text(json.dumps({"bos_token": None, "eos_token": "</s>"}))
+    return ck
 
 
 def shared_path(*parts) -> Path:

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, tiny_model
+from conftest import ROOT, tiny_checkpoint, tiny_model
 
 import data
 import llama
@@ -218,19 +218,7 @@ def test_c0_cache_reuses_and_invalidates(tmp_path):
 def tiny_ckpt(tmp_path_factory):
     """A tiny checkpoint with a tokenizer.json, an edit file and a corpus, for the CLI."""
     root = tmp_path_factory.mktemp("nse_cli")
-    model = tiny_model(num_hidden_layers=3, vocab_size=120)
-    vocab = {c: i for i, c in enumerate(sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,")))}
-    vocab["Ġ"] = len(vocab)
-    vocab["Ċ"] = len(vocab)
-    for i, c in enumerate("0123456789"):
-        vocab[c] = len(vocab)
-    tj = {"model": {"type": "BPE", "vocab": vocab, "merges": []},
-          "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False}, "added_tokens": [],
-          "decoder": {"type": "ByteLevel"}}
-    ck = root / "ckpt"
-    model.save_pretrained(ck)
-    (ck / "tokenizer.json").write_text(json.dumps(tj))
-    (ck / "tokenizer_config.json").write_text(json.dumps({"bos_token": None, "eos_token": None}))
+    tiny_checkpoint(root / "ckpt")
     recs = [{"prompt": f"{s} lives in", "subject": s, "target_new": t, "target_true": "Rome",
              "rephrases": [f"The home of {s} is"], "locality": [["Ed Lu lives in", "Rome"]]}
             for s, t in [("Kim Lo", "Oslo"), ("Ann Pi", "Lima"), ("Joe Wu", "Baku"), ("Tim Ka", "Riga")]]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import scen
-from conftest import tiny_model
+from conftest import tiny_checkpoint, tiny_model
 
 # The tiny model's single down projection needs a larger step than a real model's.
 TINY = dict(layer=1, expert_lr=3e-2, expert_steps=150, expert_nll=0.5)
@@ -196,3 +196,23 @@ def test_default_layer_scales_with_depth():
     assert scen.default_layer(32, 20 / 32) == 20 and scen.default_layer(30, 20 / 32) == 19   # the paper's
     assert scen.default_layer(30) == 24 and scen.default_layer(6) == 4 and scen.default_layer(2) == 1
     assert scen.Editor(tiny_model(0), scen.Settings(expert_lr=1e-2), UNREL).s.layer == 1
+
+
+def test_cli_end_to_end_unrelated_excludes_edit_prompts_and_load_edits(tmp_path, capsys):
+    ck = tiny_checkpoint(tmp_path / "ckpt")
+    edits = [{"prompt": f"Where does {s} live?", "target_new": t} for s, t in [("Kim", "Oslo"), ("Ann", "Lima")]]
+    (tmp_path / "edits.jsonl").write_text("\n".join(json.dumps(r) for r in edits) + "\n")
+    others = [{"prompt": q, "target_new": "x"} for q in ("What is red?", "Who is Bo?")]
+    (tmp_path / "unrel.jsonl").write_text("\n".join(json.dumps(r) for r in others + edits) + "\n")
+    out = tmp_path / "out"
+    args = ["--ckpt", str(ck), "--edits", str(tmp_path / "edits.jsonl"), "--unrelated", str(tmp_path / "unrel.jsonl"),
+            "--template", "raw", "--layer", "1", "--expert-lr", "3e-2", "--expert-steps", "150", "--out", str(out)]
+    scen.main(args)
+    meta = json.loads((out / "scen.json").read_text())["meta"]
+    assert meta["unrelated"] == ["What is red?", "Who is Bo?"]             # an edit's own prompt is no negative
+    res = json.loads((out / "results.json").read_text())
+    assert res["results"]["scen"]["Reliability (gen)"]["value"] == 100.0 and res["results"]["unedited"]["Reliability (gen)"]["value"] == 0.0
+    capsys.readouterr()
+    scen.main(["--load-edits", str(out), "--prompt", "Where does Kim live?", "--max-new-tokens", "8"])
+    got = capsys.readouterr()
+    assert got.out.startswith("Oslo") and "routed to expert 1" in got.err

@@ -247,3 +247,11 @@ def test_smollm2_matches_tokenizers_library():
         ids = tok.encode(s)
         assert ids == ref.encode(s).ids, s
         assert tok.decode(ids) == s
+
+
+def test_ids_past_the_vocabulary_decode_to_nothing(tmp_path):
+    """A model whose embedding is padded past its tokenizer can sample such ids (tokenizers: '')."""
+    from conftest import tiny_checkpoint
+    tok = llama.load_tokenizer(tiny_checkpoint(tmp_path))
+    ab = tok.encode("ab")
+    assert tok.decode([ab[0], 119, ab[1]]) == tok.decode(ab) == "ab"
