@@ -333,7 +333,7 @@ class Editor:
     def edit(self, ids: list[int], target_start: int, info: dict | None = None, expert=None) -> dict:
         """Edit t = len(log) + 1: ids = prompt + target (+ end token); target_start = #prompt ids.
         expert: an already trained expert for this edit (benchmarks reuse stage 1 across variants)."""
-        s, t0, t = self.s, time.perf_counter(), len(self.log)
+        s, t0, c0, t = self.s, time.perf_counter(), time.process_time(), len(self.log)
         h_l, u = layer_inputs(self.model, s.layer, ids, self.base, target_start - 1, s.pool)
         rec = dict(info or {}, ids=ids, target_start=target_start)
         if s.method == "ft":                                  # baseline: the shared W_down, in place
@@ -347,6 +347,7 @@ class Editor:
             rec.update(self.add_neuron(u, t))
         self.U.append(u)
         rec["seconds"] = time.perf_counter() - t0
+        rec["cpu_seconds"] = time.process_time() - c0           # robust to other jobs on the machine
         self.log.append(rec)
         if self.out:
             self.save(self.out)

@@ -5,7 +5,7 @@ ablation from the paper's settings to the defaults, on one model and one set of 
       --unrelated zsre_mend_train-1k.json --n 200 --out bench/results/scen_smollm2.json
 
 Stages (--stages, comma separated; results are written after each one, so a killed run keeps
-what it measured): unedited, scen, ft, ablation, ref.
+what it measured): unedited, scen, ft, ablation, ref, latency.
 - Quality: eval.evaluate_qa after the last edit: Reliability (edit prompts), Generality (the
   rephrases), Locality (D_loc answers still correct; and unchanged vs the unedited model), each by
   generation exact match and teacher-forced token accuracy.
@@ -17,6 +17,8 @@ what it measured): unedited, scen, ft, ablation, ref.
   once per expert setting and reused), each variant re-runs stage 2 and the evaluation.
 - ref: ../shared/peers/scen_reference.py as a subprocess (paper/code settings, its own
   selection of edits and ChatML template), on --ref-n edits (its stage 2 grows with t).
+- latency: the saved edits of a scen.py run (--edits-dir) loaded, each query timed with and without
+  the experts in alternation (robust to a machine whose load changes during the run).
 """
 from __future__ import annotations
 
@@ -175,6 +177,12 @@ class Bench:
         f = {"s_edit_first": round(secs[0], 2), "s_edit_last": round(secs[-1], 2),
              "s_edit_first5_median": round(statistics.median(secs[:5]), 2),
              "s_edit_last5_median": round(statistics.median(secs[-5:]), 2), "s_edit_mean": round(sum(secs) / len(secs), 2)}
+        if ed.log and "cpu_seconds" in ed.log[0]:            # CPU seconds: robust to other jobs
+            cpu = [r["cpu_seconds"] for r in ed.log]
+            k = min(20, len(cpu))
+            f["cpu_s_edit_first20_mean"] = round(sum(cpu[:k]) / k, 3)
+            f["cpu_s_edit_last20_mean"] = round(sum(cpu[-k:]) / k, 3)
+            f["cpu_last20_over_first20"] = round(sum(cpu[-k:]) / max(sum(cpu[:k]), 1e-9), 3)
         if ed.log and "expert_steps" in ed.log[0]:
             f["expert_steps_mean"] = round(sum(r["expert_steps"] for r in ed.log) / len(ed.log), 1)
         if ed.log and "neuron_steps" in ed.log[0]:
@@ -260,6 +268,48 @@ class Bench:
         finally:
             self.records, self.enc, self.loc, self.before = full, fenc, floc, fbefore
 
+    def latency_interleaved(self):
+        """Inference overhead with the experts of a saved run (--edits-dir, written by scen.py --out),
+        and that run's per-edit CPU seconds (first 20 vs last 20 edits) from its log:
+        10 new tokens, batch 1, each query timed with the original down projection and with the
+        routed one in alternation (repeated --latency-rounds times), so that a change of machine
+        load hits both alike. Reported: medians and their ratio, for edit prompts (routed to an
+        expert) and for D_loc prompts (mostly unrouted)."""
+        d = Path(self.a.edits_dir)
+        st = json.loads((d / "scen.json").read_text())
+        s = scen.Settings(**st["settings"])
+        ed = scen.Editor(self.model, s, [data.encode_prompt(self.tok, self.tpl, q) for q in st["meta"]["unrelated"]]).load(d)
+        layer = self.model.layers[s.layer].mlp
+        out = {"n_experts": len(ed.router.experts)}
+        for kind, queries in (("edit", [r.prompt for r in self.records]), ("loc", self.loc_queries())):
+            base_t, routed_t = [], []
+            for q in queries[:self.a.latency_n]:
+                ids = data.encode_prompt(self.tok, self.tpl, q)
+                for _ in range(self.a.latency_rounds):
+                    for mod, acc in ((ed.base, base_t), (ed.router, routed_t)):
+                        layer.down_proj = mod
+                        t = time.perf_counter()
+                        if mod is ed.router:
+                            ed.prepare(None, None, torch.tensor([len(ids) - 1]))
+                        llama.generate(self.model, [ids], 10, eos_ids=[])
+                        acc.append(time.perf_counter() - t)
+            layer.down_proj = ed.router
+            out[kind] = {"unedited_median_s": statistics.median(base_t), "scen_median_s": statistics.median(routed_t),
+                         "ratio": statistics.median(routed_t) / statistics.median(base_t), "timings": len(base_t)}
+        self.restore(ed)
+        log = st["log"]                                  # per-edit cost of that run, from its own log
+        if log and "cpu_seconds" in log[0]:
+            k, cpu = min(20, len(log)), [r["cpu_seconds"] for r in log]
+            out["per_edit"] = {"edits": len(log), "n_unrelated": len(st["meta"]["unrelated"]),
+                               "cpu_s_edit_1": cpu[0], "cpu_s_edit_last": cpu[-1],
+                               "cpu_s_first20_mean": sum(cpu[:k]) / k, "cpu_s_last20_mean": sum(cpu[-k:]) / k,
+                               "last20_over_first20": sum(cpu[-k:]) / sum(cpu[:k]),
+                               "expert_steps_first20_mean": sum(r["expert_steps"] for r in log[:k]) / k,
+                               "expert_steps_last20_mean": sum(r["expert_steps"] for r in log[-k:]) / k,
+                               "wall_s_mean": sum(r["seconds"] for r in log) / len(log)}
+        self.res["latency_interleaved"] = out
+        print("latency", json.dumps(out), flush=True)
+
     def ref(self):
         peers = ROOT.parent / "shared" / "peers" / "scen_reference.py"
         n = self.a.ref_n
@@ -312,6 +362,8 @@ def main():
     ap.add_argument("--ref-data", default=str(ROOT.parent / "shared/data/zsre/zsre_mend_edit.json"),
                     help="MEND ZsRE file the reference selects its edits from")
     ap.add_argument("--latency-n", type=int, default=10, help="queries timed for latency")
+    ap.add_argument("--latency-rounds", type=int, default=3, help="latency stage: timings per query and model")
+    ap.add_argument("--edits-dir", help="latency stage: a folder of edits saved by scen.py --out")
     ap.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--out", default=str(ROOT / "bench/results/scen_smollm2.json"), help="results JSON")
@@ -322,13 +374,14 @@ def main():
     if Path(a.out).exists():                         # keep what an earlier (killed) run measured
         old = json.loads(Path(a.out).read_text())
         if old.get("args", {}).get("edits") == a.edits and old.get("n_edits") == len(b.records):
-            b.res.update({k: v for k, v in old.items() if k in ("scen", "ft", "ablation", "ref")})
+            b.res.update({k: v for k, v in old.items() if k in ("scen", "ft", "ablation", "ref", "latency_interleaved")})
     stages = a.stages.split(",")
-    for st in ["unedited", "scen", "ft", "ablation", "ref"]:
+    for st in ["unedited", "scen", "ft", "ablation", "ref", "latency"]:
         if st in stages or (st == "unedited" and b.loc and "ablation" in stages):
             t = time.perf_counter()
             print(f"== {st}", flush=True)
-            {"unedited": b.unedited, "scen": b.scen_default, "ft": b.ft, "ablation": b.ablation, "ref": b.ref}[st]()
+            {"unedited": b.unedited, "scen": b.scen_default, "ft": b.ft, "ablation": b.ablation, "ref": b.ref,
+             "latency": b.latency_interleaved}[st]()
             b.res.setdefault("stage_s", {})[st] = round(time.perf_counter() - t, 1)
             b.save()
     print(json.dumps({k: v for k, v in b.res.items() if k not in ("args",)}, indent=1, default=str)[:6000])
