@@ -1,0 +1,142 @@
+"""Routing-only lab for SCEN's stage 2: where do the indexing neurons send each query?
+
+Stage 1 (the experts) costs most of an edit; the routing decision needs none of it. This bench runs
+scen.Editor's stage 2 alone (the same add_neuron, retraining and routing code as scen.py) over the
+edits in order, on features computed once, then asks for every query which expert it would reach:
+
+  zsre  edit prompts (should reach their own expert: the ceiling of Reliability), rephrases (own
+        expert: of Generality), D_loc questions (no expert: of Locality unchanged);
+  hall  the hallucination task of bench_hallucination.py: edited passages (own expert),
+        WikiBio-A passages and OWT openings (no expert: an unrouted query is the unedited model).
+
+A variant is a set of scen.Settings overrides (JSON); each prints one row in seconds, not hours:
+
+  python bench/bench_routing.py --task zsre --ckpt SFT --edits d_edit.jsonl --loc d_loc.jsonl \
+      --unrelated zsre_mend_train-1k.json --variants '{"defaults": {}, "theta .8": {"theta": 0.8}}'
+
+The figures are routing rates, not the end metrics: an edit reached by its expert is answered as
+the expert was trained (stage 1 reproduces every edit: see the oracle rows of bench_scen.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import data  # noqa: E402
+import llama  # noqa: E402
+import scen  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+
+
+def load_task(a, tok):
+    """(template, edit encodings, {query set: [(prompt, expected expert or -1)]}, unrelated prompts)."""
+    if a.task == "zsre":
+        tpl = data.template_for(tok, "chatml", "")
+        recs = data.load_edits(a.edits, n=a.n)
+        loc = [r.prompt for r in data.load_edits(a.loc)] if a.loc else []
+        unrel = [r.prompt for r in data.load_edits(a.unrelated)] if a.unrelated else scen.UNRELATED
+        sets = {"edit": [(r.prompt, i) for i, r in enumerate(recs)],
+                "rephrase": [(q, i) for i, r in enumerate(recs) for q in r.rephrases],
+                "loc": [(p, -1) for p in loc]}
+    else:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from bench_hallucination import owt_pair
+        hd = Path(a.shared) / "data" / "hallucination"
+        tpl = data.Template("raw")
+        raw = json.loads((hd / "hallucination-edit.json").read_text(encoding="utf-8"))[:a.n]
+        recs = [argparse.Namespace(prompt=d["prompt"], target_new=d["target_new"]) for d in raw]
+        acc = data.load_edits(hd / "hall_accurates.json")
+        owt = data.load_edits(hd / "hall_open_webtext.json")
+        train = json.loads((hd / "hallucination-train.json").read_text(encoding="utf-8"))
+        unrel = [d["prompt"] for d in train]
+        sets = {"edit": [(r.prompt, i) for i, r in enumerate(recs)],
+                "WikiBio-A": [(r.prompt, -1) for r in acc],
+                "OWT": [(owt_pair(r.target_new, 150)[0], -1) for r in owt]}
+    edit_prompts = {r.prompt for r in recs}
+    unrel = [p for p in unrel if p not in edit_prompts][:a.n_unrelated]
+    return tpl, [scen.encode(tok, tpl, r) for r in recs], [r.target_new.strip().lower() for r in recs], sets, unrel
+
+
+def run_variant(model, tok, tpl, enc, targets, sets, unrel_ids, s: scen.Settings, feat_cache: dict):
+    """Stage 2 over all edits (no experts), then the routing of every query set."""
+    ed = scen.Editor(model, s, unrel_ids)
+    key = (ed.s.layer, ed.s.pool)
+    t0 = time.perf_counter()
+    for t, (ids, ts) in enumerate(enc):
+        _, u = scen.layer_inputs(model, ed.s.layer, ids, ed.base, ts - 1, ed.s.pool)
+        ed.router.experts.append(None)                     # the expert is not needed to route
+        rec = ed.add_neuron(u, t)
+        ed.U.append(u)
+        ed.log.append(rec)
+    stage2_s = time.perf_counter() - t0
+    row = {"own_at_edit_%": 100.0 * sum(r["routed_to"] == t for t, r in enumerate(ed.log)) / len(enc),
+           "neuron_steps_mean": sum(r["neuron_steps"] for r in ed.log) / len(enc),
+           "neuron_capped": sum(r["neuron_steps"] >= ed.s.neuron_steps for r in ed.log),
+           "retrained": sum(len(r["retrained"]) for r in ed.log), "stage2_s": round(stage2_s, 1),
+           "not_own_at_edit": [(t, r["routed_to"], round(r["a_own"], 3), r["neuron_steps"])
+                               for t, r in enumerate(ed.log) if r["routed_to"] != t]}
+    for name, qs in sets.items():
+        if (key, name) not in feat_cache:
+            feat_cache[(key, name)] = torch.stack([scen.layer_inputs(
+                model, ed.s.layer, data.encode_prompt(tok, tpl, p), ed.base, kind=ed.s.pool)[1] for p, _ in qs])
+        got = ed.router.pick(feat_cache[(key, name)])
+        want = torch.tensor([e for _, e in qs])
+        row[f"{name}_right_%"] = round(100.0 * (got == want).float().mean().item(), 2)
+        if (want >= 0).any():
+            # an edit routed to another edit's expert with the same target is still answered right
+            same = [int(g) >= 0 and targets[int(g)] == targets[int(w)] for g, w in zip(got, want)]
+            row[f"{name}_same_target_%"] = round(100.0 * sum(same) / len(same), 2)
+            row[f"{name}_unrouted_%"] = round(100.0 * (got[want >= 0] < 0).float().mean().item(), 2)
+            if name == "edit":                   # which edits go astray, and where
+                row["edit_misrouted"] = [(int(w), int(g), targets[int(w)], targets[int(g)] if g >= 0 else None)
+                                         for g, w in zip(got, want) if g != w]
+        else:
+            row[f"{name}_routed_%"] = round(100.0 * (got >= 0).float().mean().item(), 2)
+    model.layers[ed.s.layer].mlp.down_proj = ed.base
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--task", choices=["zsre", "hall"], default="zsre")
+    ap.add_argument("--ckpt", required=True, help="model folder (HF layout)")
+    ap.add_argument("--edits", help="zsre: edits file (D_edit)")
+    ap.add_argument("--loc", help="zsre: locality questions (D_loc)")
+    ap.add_argument("--unrelated", help="zsre: unrelated questions (default scen.UNRELATED)")
+    ap.add_argument("--shared", default=str(SHARED), help="hall: the shared/ folder")
+    ap.add_argument("--n", type=int, default=200, help="edits")
+    ap.add_argument("--n-unrelated", type=int, default=900, help="unrelated prompts (the CLI's advice: ~1000)")
+    ap.add_argument("--variants", default='{"defaults": {}}', help="JSON {name: scen.Settings overrides}")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", help="results JSON (rows are added to it)")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    variants = json.loads(a.variants)
+    model, tok = llama.Llama.from_pretrained(a.ckpt), llama.load_tokenizer(a.ckpt)
+    tpl, enc, targets, sets, unrel = load_task(a, tok)
+    unrel_ids = [data.encode_prompt(tok, tpl, p) for p in unrel]
+    out = Path(a.out) if a.out else None
+    res = json.loads(out.read_text()) if out and out.exists() else {}
+    res.setdefault("sizes", {k: len(v) for k, v in sets.items()} | {"unrelated": len(unrel_ids)})
+    cache: dict = {}
+    for name, over in variants.items():
+        row = run_variant(model, tok, tpl, enc, targets, sets, unrel_ids, replace(scen.Settings(), **over), cache)
+        res.setdefault("rows", {})[name] = dict(row, settings=over)
+        print(name, json.dumps(row), flush=True)
+        if out:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            data.atomic_write_text(out, json.dumps(res, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
