@@ -59,8 +59,12 @@ def load_task(a, tok):
         owt = data.load_edits(hd / "hall_open_webtext.json")
         train = json.loads((hd / "hallucination-train.json").read_text(encoding="utf-8"))
         unrel = [d["prompt"] for d in train]
+        subjects = {d["subject"].lower() for d in raw}
+        same = [r.subject and r.subject.lower() in subjects for r in acc]     # a passage about an edited person
         sets = {"edit": [(r.prompt, i) for i, r in enumerate(recs)],
                 "WikiBio-A": [(r.prompt, -1) for r in acc],
+                "WikiBio-A, edited person": [(r.prompt, -1) for r, m in zip(acc, same) if m],
+                "WikiBio-A, other person": [(r.prompt, -1) for r, m in zip(acc, same) if not m],
                 "OWT": [(owt_pair(r.target_new, 150)[0], -1) for r in owt]}
     edit_prompts = {r.prompt for r in recs}
     unrel = [p for p in unrel if p not in edit_prompts][:a.n_unrelated]

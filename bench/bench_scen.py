@@ -56,7 +56,8 @@ CUMULATIVE = [("paper", {}),
               ("+retrain old neurons that fire", dict(retrain=True)),
               ("+mean-pooled features", dict(pool="mean")),
               ("+layer at 0.8 depth instead of 20/32", dict(depth=0.8)),
-              ("+neuron step cap 1500 instead of 400 (= defaults)", dict(neuron_steps=1500))]
+              ("+neuron step cap 1500 instead of 400", dict(neuron_steps=1500)),
+              ("+neuron lr 3e-2 instead of 1e-2 (= defaults)", dict(neuron_lr=3e-2))]
 ABLATION, _acc = [], dict(scen.PAPER)
 for _name, _over in CUMULATIVE:
     _acc = {**_acc, **_over}
@@ -72,16 +73,18 @@ ABLATION += [("defaults, --loss code", dict(loss="code")),
              ("defaults, expert lr 3e-3", dict(expert_lr=3e-3)),
              ("defaults, layer at 20/32 depth (the paper's)", dict(depth=20 / 32)),
              # Locality levers at 200 edits (n_unrelated: how many of --unrelated's prompts are
-             # loaded; needs --n-unrelated at least as large). Measured while the cap was 400.
-             ("cap 400, 64 unrelated prompts", dict(n_unrelated=64, neuron_steps=400)),
-             ("cap 400, 256 unrelated prompts", dict(n_unrelated=256, neuron_steps=400)),
-             ("cap 400, 900 unrelated prompts", dict(n_unrelated=900, neuron_steps=400)),
-             ("cap 400, 900 unrelated prompts, neg margin 0.45", dict(n_unrelated=900, neuron_steps=400, neg_margin=0.45)),
+             # loaded; needs --n-unrelated at least as large). Measured while the cap was 400 and
+             # the neuron lr 1e-2.
+             ("cap 400, 64 unrelated prompts", dict(n_unrelated=64, neuron_steps=400, neuron_lr=1e-2)),
+             ("cap 400, 256 unrelated prompts", dict(n_unrelated=256, neuron_steps=400, neuron_lr=1e-2)),
+             ("cap 400, 900 unrelated prompts", dict(n_unrelated=900, neuron_steps=400, neuron_lr=1e-2)),
+             ("cap 400, 900 unrelated prompts, neg margin 0.45", dict(n_unrelated=900, neuron_steps=400, neuron_lr=1e-2, neg_margin=0.45)),
              ("cap 400, 900 unrelated prompts, theta 0.8, pos margin 0.1",
-              dict(n_unrelated=900, neuron_steps=400, theta=0.8, pos_margin=0.1)),
-             ("defaults (cap 1500), 900 unrelated prompts", dict(n_unrelated=900)),
-             ("defaults (cap 1500), 900 unrelated prompts, theta 0.8, pos margin 0.1",
-              dict(n_unrelated=900, theta=0.8, pos_margin=0.1))]
+              dict(n_unrelated=900, neuron_steps=400, neuron_lr=1e-2, theta=0.8, pos_margin=0.1)),
+             ("cap 1500, lr 1e-2, 900 unrelated prompts", dict(n_unrelated=900, neuron_lr=1e-2)),
+             ("cap 1500, lr 1e-2, 900 unrelated prompts, theta 0.8, pos margin 0.1",
+              dict(n_unrelated=900, neuron_lr=1e-2, theta=0.8, pos_margin=0.1)),
+             ("defaults (cap 1500, lr 3e-2), 900 unrelated prompts", dict(n_unrelated=900))]
 
 
 def atomic_json(path: Path, obj):
