@@ -131,17 +131,25 @@ def merge_neurons(neurons: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(neurons) if neurons else torch.zeros(0)
 
 
+def neuron_logits(feats, W_merge, b):
+    """Eq. 10 before its sigmoid: z = W_merge f(u) + b, feats (B, h) -> (B, t)."""
+    return feats @ W_merge.T + b
+
+
 def neuron_activations(feats, W_merge, b):
     """Eq. 10 (and 4 for one neuron): a = sigmoid(W_merge f(u) + b), feats (B, h) -> (B, t)."""
-    return torch.sigmoid(feats @ W_merge.T + b)
+    return torch.sigmoid(neuron_logits(feats, W_merge, b))
 
 
-def route(a, theta: float):
-    """Eq. 11-12: expert argmax(a) where max(a) > theta, else -1 (the original W_down); a (B, t)."""
-    if a.shape[-1] == 0:
-        return torch.full(a.shape[:-1], -1, dtype=torch.long, device=a.device)
-    best, idx = a.max(-1)
-    return torch.where(best > theta, idx, torch.full_like(idx, -1))
+def route(z, theta: float):
+    """Eq. 11-12: expert argmax(a) where max(a) > theta, else -1 (the original W_down).
+    Taken on the logits z (B, t): sigmoid is monotone, so the choice is the same, but trained
+    neurons saturate (a == 1.0 exactly in float32 for z > 17) and argmax over tied 1.0s would
+    pick the oldest expert, not the one that fires hardest."""
+    if z.shape[-1] == 0:
+        return torch.full(z.shape[:-1], -1, dtype=torch.long, device=z.device)
+    best, idx = z.max(-1)
+    return torch.where(best > math.log(theta / (1 - theta)), idx, torch.full_like(idx, -1))
 
 
 def featurize(u, mu, kind: str):
@@ -184,7 +192,7 @@ class RoutedDown(nn.Module):
         self.pending, self.mask, self.forced = prompt_end, mask, force
 
     def pick(self, u_last):
-        return route(neuron_activations(featurize(u_last.float(), self.mu, self.s.features), self.W, self.b),
+        return route(neuron_logits(featurize(u_last.float(), self.mu, self.s.features), self.W, self.b),
                      self.s.theta)
 
     def forward(self, u):
@@ -377,9 +385,9 @@ class Editor:
                 self.U.pop()
                 r.W[j], r.b[j] = wj, bj
                 retrained.append(j)
-        a = neuron_activations(f_t[None], r.W, r.b)[0]
-        return {"neuron_steps": steps, "a_own": a[t].item(), "retrained": retrained,
-                "routed_to": route(a[None], s.theta).item()}
+        z = neuron_logits(f_t[None], r.W, r.b)
+        return {"neuron_steps": steps, "a_own": torch.sigmoid(z[0, t]).item(), "retrained": retrained,
+                "routed_to": route(z, s.theta).item()}
 
     # -- inference -----------------------------------------------------------------------------
     def prepare(self, tokens, attention_mask, prompt_end):

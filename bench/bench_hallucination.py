@@ -75,8 +75,7 @@ def routed_share(ed: scen.Editor, tok, tpl, prompts) -> float:
     for p in prompts:
         ids = data.encode_prompt(tok, tpl, p)
         _, u = scen.layer_inputs(ed.model, s.layer, ids, ed.base, kind=s.pool)
-        a = scen.neuron_activations(ed.feats(u)[None], ed.router.W, ed.router.b)
-        fired += int(scen.route(a, s.theta).item() >= 0)
+        fired += int(scen.route(scen.neuron_logits(ed.feats(u)[None], ed.router.W, ed.router.b), s.theta).item() >= 0)
     return 100.0 * fired / len(prompts)
 
 

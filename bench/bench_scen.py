@@ -186,6 +186,8 @@ class Bench:
             f["cpu_s_edit_first20_mean"] = round(sum(cpu[:k]) / k, 3)
             f["cpu_s_edit_last20_mean"] = round(sum(cpu[-k:]) / k, 3)
             f["cpu_last20_over_first20"] = round(sum(cpu[-k:]) / max(sum(cpu[:k]), 1e-9), 3)
+            f["per_edit_cpu_s_neuron_steps_retrained"] = [(round(r["cpu_seconds"], 3), r.get("neuron_steps"),
+                                                          len(r.get("retrained", []))) for r in ed.log]
         if ed.log and "expert_steps" in ed.log[0]:
             f["expert_steps_mean"] = round(sum(r["expert_steps"] for r in ed.log) / len(ed.log), 1)
         if ed.log and "neuron_steps" in ed.log[0]:

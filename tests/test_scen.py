@@ -33,8 +33,16 @@ def test_losses_match_their_formulas():
 
 def test_route_threshold_and_argmax():
     a = torch.tensor([[0.1, 0.9, 0.7], [0.64, 0.2, 0.3], [0.66, 0.1, 0.2]])
-    assert scen.route(a, 0.65).tolist() == [1, -1, 0]
+    assert scen.route(torch.logit(a), 0.65).tolist() == [1, -1, 0]
     assert scen.route(torch.zeros(2, 0), 0.65).tolist() == [-1, -1]
+
+
+def test_route_breaks_saturated_ties_by_logit():
+    # both neurons saturate (sigmoid == 1.0 exactly in float32): the harder-firing one is chosen
+    z = torch.tensor([[20.0, 30.0]])
+    assert torch.sigmoid(z).tolist() == [[1.0, 1.0]]
+    assert scen.route(z, 0.65).tolist() == [1]
+    assert torch.sigmoid(z).argmax(-1).tolist() == [0]        # what argmax over a would pick
 
 
 def test_neuron_separates_on_cached_features():
