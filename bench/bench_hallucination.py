@@ -69,14 +69,32 @@ def perplexities(model, tok, tpl, sets, prepare, batch_size, max_len) -> dict:
     return out
 
 
+def load_task(shared, n: int, n_acc=None, n_owt=None, owt_prompt_chars: int = 150):
+    """(edits, accurate records, {set: [(prompt, text)]}, unrelated passages) of the hallucination data."""
+    hd = Path(shared) / "data" / "hallucination"
+    # the edits' prompt and target only: 7 of the file's 600 records have an empty locality answer,
+    # which data.load_edits refuses (an empty answer cannot be checked); this bench needs none of them
+    raw = json.loads((hd / "hallucination-edit.json").read_text(encoding="utf-8"))[:n]
+    edits = [SimpleNamespace(prompt=d["prompt"], target_new=d["target_new"], subject=d["subject"]) for d in raw]
+    if any(not (e.prompt.strip() and e.target_new.strip()) for e in edits):
+        raise SystemExit("hallucination-edit.json: a record among the first --n has an empty prompt or target_new")
+    acc = data.load_edits(hd / "hall_accurates.json", n=n_acc)
+    owt = data.load_edits(hd / "hall_open_webtext.json", n=n_owt)
+    edit_prompts = {r.prompt for r in edits}
+    # only the passages are used (some of the file's locality answers are empty, which load_edits refuses)
+    train = json.loads((hd / "hallucination-train.json").read_text(encoding="utf-8"))
+    unrel = [d["prompt"] for d in train if d["prompt"] not in edit_prompts]
+    sets = {"WikiBio-E": [(r.prompt, r.target_new) for r in edits],
+            "WikiBio-A": [(r.prompt, r.target_new) for r in acc],
+            "OWT": [p for p in (owt_pair(r.target_new, owt_prompt_chars) for r in owt) if p[1].strip()]}
+    return edits, acc, sets, unrel
+
+
 def routed_share(ed: scen.Editor, tok, tpl, prompts) -> float:
     """Percent of prompts whose routing picks an expert (max activation above theta)."""
-    s, fired = ed.s, 0
-    for p in prompts:
-        ids = data.encode_prompt(tok, tpl, p)
-        _, u = scen.layer_inputs(ed.model, s.layer, ids, ed.base, kind=s.pool)
-        fired += int(scen.route(scen.neuron_logits(ed.feats(u)[None], ed.router.W, ed.router.b), s.theta).item() >= 0)
-    return 100.0 * fired / len(prompts)
+    U = torch.stack([scen.layer_inputs(ed.model, ed.s.layer, data.encode_prompt(tok, tpl, p), ed.base,
+                                       kind=ed.s.pool)[1] for p in prompts])
+    return 100.0 * (ed.router.pick(U) >= 0).float().mean().item()
 
 
 def main(argv=None):
@@ -94,25 +112,10 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "bench/results/scen_hallucination.json"), help="results JSON")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    hd = Path(a.shared) / "data" / "hallucination"
-    # the edits' prompt and target only: 7 of the file's 600 records have an empty locality answer,
-    # which data.load_edits refuses (an empty answer cannot be checked); this bench needs none of them
-    raw = json.loads((hd / "hallucination-edit.json").read_text(encoding="utf-8"))[:a.n]
-    edits = [SimpleNamespace(prompt=d["prompt"], target_new=d["target_new"]) for d in raw]
-    if any(not (e.prompt.strip() and e.target_new.strip()) for e in edits):
-        raise SystemExit("hallucination-edit.json: a record among the first --n has an empty prompt or target_new")
-    acc = data.load_edits(hd / "hall_accurates.json", n=a.n_acc)
-    owt = data.load_edits(hd / "hall_open_webtext.json", n=a.n_owt)
-    edit_prompts = {r.prompt for r in edits}
-    # only the passages are used (some of the file's locality answers are empty, which load_edits refuses)
-    train = json.loads((hd / "hallucination-train.json").read_text(encoding="utf-8"))
-    unrel = [d["prompt"] for d in train if d["prompt"] not in edit_prompts]
+    edits, acc, sets, unrel = load_task(a.shared, a.n, a.n_acc, a.n_owt, a.owt_prompt_chars)
     model = llama.Llama.from_pretrained(a.ckpt)
     tok = llama.load_tokenizer(a.ckpt)
     tpl = data.Template("raw")
-    sets = {"WikiBio-E": [(r.prompt, r.target_new) for r in edits],
-            "WikiBio-A": [(r.prompt, r.target_new) for r in acc],
-            "OWT": [p for p in (owt_pair(r.target_new, a.owt_prompt_chars) for r in owt) if p[1].strip()]}
     res = {"args": vars(a), "template": "raw", "n_edits": len(edits), "sizes": {k: len(v) for k, v in sets.items()},
            "n_unrelated": len(unrel), "loadavg_start": os.getloadavg()}
     out = Path(a.out)

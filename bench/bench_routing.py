@@ -50,22 +50,16 @@ def load_task(a, tok):
                 "loc": [(p, -1) for p in loc]}
     else:
         sys.path.insert(0, str(ROOT / "bench"))
-        from bench_hallucination import owt_pair
-        hd = Path(a.shared) / "data" / "hallucination"
+        import bench_hallucination
         tpl = data.Template("raw")
-        raw = json.loads((hd / "hallucination-edit.json").read_text(encoding="utf-8"))[:a.n]
-        recs = [argparse.Namespace(prompt=d["prompt"], target_new=d["target_new"]) for d in raw]
-        acc = data.load_edits(hd / "hall_accurates.json")
-        owt = data.load_edits(hd / "hall_open_webtext.json")
-        train = json.loads((hd / "hallucination-train.json").read_text(encoding="utf-8"))
-        unrel = [d["prompt"] for d in train]
-        subjects = {d["subject"].lower() for d in raw}
+        recs, acc, pairs, unrel = bench_hallucination.load_task(a.shared, a.n)
+        subjects = {r.subject.lower() for r in recs}
         same = [r.subject and r.subject.lower() in subjects for r in acc]     # a passage about an edited person
         sets = {"edit": [(r.prompt, i) for i, r in enumerate(recs)],
                 "WikiBio-A": [(r.prompt, -1) for r in acc],
                 "WikiBio-A, edited person": [(r.prompt, -1) for r, m in zip(acc, same) if m],
                 "WikiBio-A, other person": [(r.prompt, -1) for r, m in zip(acc, same) if not m],
-                "OWT": [(owt_pair(r.target_new, 150)[0], -1) for r in owt]}
+                "OWT": [(p, -1) for p, _ in pairs["OWT"]]}
     edit_prompts = {r.prompt for r in recs}
     unrel = [p for p in unrel if p not in edit_prompts][:a.n_unrelated]
     return tpl, [scen.encode(tok, tpl, r) for r in recs], [r.target_new.strip().lower() for r in recs], sets, unrel
@@ -76,12 +70,8 @@ def run_variant(model, tok, tpl, enc, targets, sets, unrel_ids, s: scen.Settings
     ed = scen.Editor(model, s, unrel_ids)
     key = (ed.s.layer, ed.s.pool)
     t0 = time.perf_counter()
-    for t, (ids, ts) in enumerate(enc):
-        _, u = scen.layer_inputs(model, ed.s.layer, ids, ed.base, ts - 1, ed.s.pool)
-        ed.router.experts.append(None)                     # the expert is not needed to route
-        rec = ed.add_neuron(u, t)
-        ed.U.append(u)
-        ed.log.append(rec)
+    for ids, ts in enc:            # stage 2 alone: the base weight stands in for the expert (never run)
+        ed.edit(ids, ts, expert=ed.base.weight)
     stage2_s = time.perf_counter() - t0
     row = {"own_at_edit_%": 100.0 * sum(r["routed_to"] == t for t, r in enumerate(ed.log)) / len(enc),
            "neuron_steps_mean": sum(r["neuron_steps"] for r in ed.log) / len(enc),

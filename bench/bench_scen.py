@@ -87,6 +87,14 @@ ABLATION += [("defaults, --loss code", dict(loss="code")),
              ("defaults (cap 1500, lr 3e-2), 900 unrelated prompts", dict(n_unrelated=900))]
 
 
+def cpu_figs(log: list[dict], k: int = 20) -> dict:
+    """Mean CPU seconds per edit over the first and the last k edits of an edit log, and their ratio."""
+    cpu = [r["cpu_seconds"] for r in log]
+    k = min(k, len(cpu))
+    return {"cpu_s_edit_first20_mean": round(sum(cpu[:k]) / k, 3), "cpu_s_edit_last20_mean": round(sum(cpu[-k:]) / k, 3),
+            "cpu_last20_over_first20": round(sum(cpu[-k:]) / max(sum(cpu[:k]), 1e-9), 3)}
+
+
 def atomic_json(path: Path, obj):
     path.parent.mkdir(parents=True, exist_ok=True)
     data.atomic_write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
@@ -181,11 +189,7 @@ class Bench:
              "s_edit_first5_median": round(statistics.median(secs[:5]), 2),
              "s_edit_last5_median": round(statistics.median(secs[-5:]), 2), "s_edit_mean": round(sum(secs) / len(secs), 2)}
         if ed.log and "cpu_seconds" in ed.log[0]:            # CPU seconds: robust to other jobs
-            cpu = [r["cpu_seconds"] for r in ed.log]
-            k = min(20, len(cpu))
-            f["cpu_s_edit_first20_mean"] = round(sum(cpu[:k]) / k, 3)
-            f["cpu_s_edit_last20_mean"] = round(sum(cpu[-k:]) / k, 3)
-            f["cpu_last20_over_first20"] = round(sum(cpu[-k:]) / max(sum(cpu[:k]), 1e-9), 3)
+            f.update(cpu_figs(ed.log))
             f["per_edit_cpu_s_neuron_steps_retrained"] = [(round(r["cpu_seconds"], 3), r.get("neuron_steps"),
                                                           len(r.get("retrained", []))) for r in ed.log]
         if ed.log and "expert_steps" in ed.log[0]:
@@ -304,11 +308,10 @@ class Bench:
         self.restore(ed)
         log = st["log"]                                  # per-edit cost of that run, from its own log
         if log and "cpu_seconds" in log[0]:
-            k, cpu = min(20, len(log)), [r["cpu_seconds"] for r in log]
+            k = min(20, len(log))
             out["per_edit"] = {"edits": len(log), "n_unrelated": len(st["meta"]["unrelated"]),
-                               "cpu_s_edit_1": cpu[0], "cpu_s_edit_last": cpu[-1],
-                               "cpu_s_first20_mean": sum(cpu[:k]) / k, "cpu_s_last20_mean": sum(cpu[-k:]) / k,
-                               "last20_over_first20": sum(cpu[-k:]) / sum(cpu[:k]),
+                               "cpu_s_edit_1": log[0]["cpu_seconds"], "cpu_s_edit_last": log[-1]["cpu_seconds"],
+                               **cpu_figs(log),
                                "expert_steps_first20_mean": sum(r["expert_steps"] for r in log[:k]) / k,
                                "expert_steps_last20_mean": sum(r["expert_steps"] for r in log[-k:]) / k,
                                "wall_s_mean": sum(r["seconds"] for r in log) / len(log)}
