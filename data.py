@@ -50,7 +50,7 @@ import torch
 import llama
 
 FORMATS = ("zsre", "easyedit", "counterfact", "hallucination", "jsonl")
-TEMPLATES = ("raw", "llama2", "chatml")
+TEMPLATES = ("raw", "llama2", "chatml", "llama3")
 
 
 class DataError(ValueError):
@@ -472,6 +472,9 @@ class Template:
                   "[INST]{question}[/INST]" + "{answer}", ended by </s> (EOS).
     kind "chatml" the checkpoint's ChatML chat template (llama.format_chat: one user turn, the
                   assistant turn opened), answer appended directly, ended by <|im_end|>.
+    kind "llama3" Llama 3's header-token chat template (llama.format_chat): "<|start_header_id|>
+                  user<|end_header_id|>\n\n{q}<|eot_id|><|start_header_id|>assistant
+                  <|end_header_id|>\n\n" + "{answer}", ended by <|eot_id|>.
     system        chatml only: the system message; None = the template's default system turn
                   (SmolLM2: "You are a helpful AI assistant named SmolLM, ..."), "" = no system
                   turn at all ("<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n").
@@ -489,9 +492,11 @@ class Template:
             return prompt
         if self.kind == "llama2":
             return f"[INST]{prompt}[/INST]"
-        if getattr(tokenizer, "chat_format", None) != "chatml":
-            raise ValueError(f"template chatml: this tokenizer's chat format is "
-                             f"{getattr(tokenizer, 'chat_format', None)!r}, not chatml")
+        if getattr(tokenizer, "chat_format", None) != self.kind:
+            raise ValueError(f"template {self.kind}: this tokenizer's chat format is "
+                             f"{getattr(tokenizer, 'chat_format', None)!r}, not {self.kind}")
+        if self.kind == "llama3":
+            return llama.format_chat(tokenizer, prompt, system=self.system or None)
         if self.system == "":           # no system turn at all (SmolLM2's template would add its default)
             text = llama.format_chat(tokenizer, prompt, system="")
             head = "<|im_start|>system\n<|im_end|>\n"
@@ -509,8 +514,8 @@ class Template:
 
     def end_id(self, tokenizer) -> int | None:
         """The token that closes an answer: <|im_end|> for chatml, else the tokenizer's EOS."""
-        if self.kind == "chatml":
-            ids = tokenizer.encode("<|im_end|>", bos=False)
+        if self.kind in ("chatml", "llama3"):
+            ids = tokenizer.encode("<|im_end|>" if self.kind == "chatml" else "<|eot_id|>", bos=False)
             if len(ids) == 1:
                 return ids[0]
         return tokenizer.eos_id
@@ -522,18 +527,20 @@ class Template:
             return ("[/INST]", "[INST]", "</s>")
         if self.kind == "chatml":
             return ("<|im_end|>", "<|im_start|>")
+        if self.kind == "llama3":
+            return ("<|eot_id|>", "<|start_header_id|>")
         return ("\n",)
 
 
 def template_for(tokenizer, name: str = "auto", system: str | None = None) -> Template:
     """Pick a template by name; "auto" follows the tokenizer's chat format.
 
-    auto: chatml tokenizer -> "chatml"; llama2 tokenizer -> "llama2" (SCEN's no-space form);
-    anything else -> "raw".
+    auto: the chat format of the checkpoint's tokenizer_config (llama.load_tokenizer): chatml ->
+    "chatml", llama3 -> "llama3", llama2 -> "llama2" (SCEN's no-space form); none -> "raw".
     """
     if name == "auto":
         fmt = getattr(tokenizer, "chat_format", "none")
-        name = {"chatml": "chatml", "llama2": "llama2"}.get(fmt, "raw")
+        name = fmt if fmt in ("chatml", "llama2", "llama3") else "raw"
     return Template(name, system)
 
 

@@ -33,18 +33,22 @@ results.json + results.md (every figure, its protocol, the run's arguments and t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import re
+import sys
 import time
 from collections import Counter
 from contextlib import contextmanager
+from dataclasses import asdict, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import data
+import llama
 from data import Template, collate, encode_prompt, encode_prompt_target
 
 GEN = "generation exact match (greedy until EOS/stop string, strip, compare; SCEN)"
@@ -93,7 +97,6 @@ class LlamaEvalModel:
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, *, stop_strings=(), temperature=0.0, top_k=None,
                  generator=None):
-        import llama
         if self.prepare is not None:
             T = max(len(p) for p in prompts)
             tokens, mask = llama.pad_batch(prompts, self.pad_id, "left", self.device)
@@ -524,6 +527,348 @@ def table(figures: dict, title: str | None = None) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Editors: the one shape every method has
+# --------------------------------------------------------------------------------------------
+def setting(default, help: str, **meta):
+    """A Settings field with its command-line help beside it (the harness makes one flag per
+    field; meta: choices=...)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+def as_records(records=None, *, prompts=None, target_new=None, subject=None) -> list:
+    """EditRecords, from records or from parallel lists prompts= / target_new= (/ subject=)."""
+    if records is not None:
+        if prompts is not None or target_new is not None:
+            raise ValueError("edit(): give records, or prompts= and target_new=, not both")
+        return [records] if isinstance(records, data.EditRecord) else list(records)
+    if prompts is None or target_new is None:
+        raise ValueError("edit(): give records, or prompts= and target_new=")
+    if isinstance(prompts, str):
+        prompts, target_new, subject = [prompts], [target_new], None if subject is None else [subject]
+    subject = [None] * len(prompts) if subject is None else list(subject)
+    if not len(prompts) == len(target_new) == len(subject):
+        raise ValueError(f"edit(): {len(prompts)} prompts, {len(target_new)} targets, {len(subject)} subjects")
+    return [data.EditRecord(p, t, subject=s, meta={"source": f"edit()[{i}]"})
+            for i, (p, t, s) in enumerate(zip(prompts, target_new, subject))]
+
+
+class Editor:
+    """What every method's editor is (scen.Editor, nse.Editor, ...):
+
+        ed = Editor(model, tokenizer, settings, template=..., **inputs)
+        ed.edit(records) / ed.edit(prompts=[...], target_new=[...], subject=[...])
+                            sequential edits; one log row per edit (or per batch)
+        ed.generate(prompts) -> answers (text) with the edits applied
+        ed.save(out); Editor.load(out, model, tokenizer); ed.restore()  (unedited weights back)
+
+    A subclass implements `apply(records) -> rows`, `save`, `load`, `restore`, `saved(out)`, and
+    may set `prepare` (a router's hook, see LlamaEvalModel) and `check(records)` (refuse what the
+    method cannot edit). `unit` is how many edits make one log row (the harness saves after each).
+    For the run harness it also names its `Settings` dataclass, its default template, its
+    presets, and the inputs beyond the edits it needs (`add_inputs`, `inputs_from`).
+    """
+    name = "editor"
+    description = ""
+    Settings = None
+    default_template = "auto"
+    presets: dict = {}
+    needs_subject = False
+    prepare = None
+
+    def __init__(self, model, tokenizer, template="auto"):
+        self.model, self.tokenizer = model, tokenizer
+        if isinstance(template, str):
+            template = data.template_for(tokenizer, template) if tokenizer is not None else Template(
+                "raw" if template == "auto" else template)
+        self.template = template
+        self.log: list[dict] = []
+
+    @property
+    def unit(self) -> int:
+        return 1
+
+    @property
+    def n_edits(self) -> int:
+        return sum(r.get("n", 1) for r in self.log)
+
+    def check(self, records) -> None:
+        for i, r in enumerate(records):
+            if not r.target_new.strip():
+                raise data.DataError(f"{r.meta.get('source', f'edit {i}')}: target_new: empty target")
+
+    def edit(self, records=None, *, prompts=None, target_new=None, subject=None) -> list[dict]:
+        records = as_records(records, prompts=prompts, target_new=target_new, subject=subject)
+        self.check(records)
+        return self.apply(records)
+
+    def eval_model(self) -> "LlamaEvalModel":
+        return LlamaEvalModel(self.model, self.tokenizer, self.template, prepare=self.prepare)
+
+    def generate(self, prompts, max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
+        """Greedy answers to the templated prompts, with the edits applied."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return generate_answers(self.eval_model(), self.tokenizer, self.template, prompts,
+                                max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+    def note(self) -> str | None:
+        """What the last query did, for the terminal (SCEN: which expert answered)."""
+        return None
+
+    # -- what the run harness asks of a method (defaults: nothing beyond the edits) -----------
+    @classmethod
+    def check_settings(cls, s, config, n_records: int) -> None:
+        """Refuse settings that cannot work on this checkpoint (config.json), naming the field."""
+
+    @classmethod
+    def add_inputs(cls, group) -> None:
+        """Command-line flags for the method's inputs beyond the edits (files, folders)."""
+
+    @classmethod
+    def inputs_from(cls, args, records) -> dict:
+        """The keyword arguments of __init__ made from those flags, checked before any work."""
+        return {}
+
+    def report_notes(self) -> list[str]:
+        return []
+
+
+# --------------------------------------------------------------------------------------------
+# The run harness both CLIs share
+# --------------------------------------------------------------------------------------------
+class RunError(ValueError):
+    """A bad argument, input or run folder, found before any work; the message names it."""
+
+
+def _flag_type(f):
+    t = str(f.type).replace(" ", "")
+    if t.startswith("bool"):
+        return parse_bool
+    if t.startswith("list[int]"):
+        return lambda v: [int(x) for x in v.split(",") if x.strip()]
+    return {"int": int, "float": float}.get(t.split("|")[0], str)
+
+
+def parse_bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
+def parser(method) -> argparse.ArgumentParser:
+    """The common flags, then one flag per field of method.Settings (help from the field), then
+    the method's inputs (method.add_inputs) and presets (method.PRESETS)."""
+    ap = argparse.ArgumentParser(description=method.description)
+    a = ap.add_argument_group("run").add_argument
+    a("--ckpt", help="base checkpoint folder (Hugging Face layout); never modified")
+    a("--edits", help="edit records (.json/.jsonl: ZsRE, EasyEdit, CounterFact, the project's JSONL)")
+    a("--format", choices=data.FORMATS, help="edits format (default: detected)")
+    a("--n", type=int, help="edit the first n records (default: all)")
+    a("--loc", help="QA: records whose (prompt, target_new) are the Locality pairs (e.g. D_loc)")
+    a("--template", choices=["auto", *data.TEMPLATES], help="prompt template (default: raw for "
+      "CounterFact completions, else " + method.default_template + "; auto = the checkpoint's chat format)")
+    a("--system", help="chatml/llama3: the system message ('' = none; default: the template's)")
+    a("--out", help="run folder: edits, log, results.json/.md (refused if it holds a run, unless --resume)")
+    a("--resume", action="store_true", help="continue the run in --out (same settings, data, checkpoint)")
+    a("--load-edits", metavar="OUT", help="a run folder whose edits answer --prompt")
+    a("--prompt", help="with --load-edits: the prompt to answer")
+    a("--no-baseline", action="store_true", help="skip evaluating the unedited model")
+    a("--no-fluency", action="store_true", help="CounterFact: skip the Fluency generations")
+    a("--max-new-tokens", type=int, default=32, help="generation length for answers")
+    a("--eval-batch-size", type=int, default=16, help="queries per evaluation forward pass")
+    a("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    a("--dtype", choices=list(llama.DTYPES), help="weights dtype (default: float32 on cpu, bfloat16 "
+      "elsewhere); on a CPU computation is float32 anyway")
+    a("--threads", type=int, help="torch CPU threads (default: torch's)")
+    g = ap.add_argument_group(f"{method.name} settings (default: the Settings dataclass)")
+    for f in fields(method.Settings):
+        g.add_argument("--" + f.name.replace("_", "-"), type=_flag_type(f), default=None,
+                       choices=f.metadata.get("choices"), help=f.metadata.get("help"))
+    for name, preset in method.presets.items():
+        g.add_argument(f"--{name}", action="store_true", help=preset["help"])
+    method.add_inputs(ap.add_argument_group(f"{method.name} inputs"))
+    return ap
+
+
+def settings_from(method, args):
+    """Settings: the dataclass defaults, a preset if one is given, then every flag given."""
+    base = {}
+    for name, preset in method.presets.items():
+        if getattr(args, name, False):
+            base.update({k: v for k, v in preset.items() if k != "help"})
+    given = {f.name: getattr(args, f.name) for f in fields(method.Settings) if getattr(args, f.name, None) is not None}
+    return method.Settings(**{**base, **given})
+
+
+def records_digest(records) -> str:
+    """A fingerprint of the edit records (their content, not the file's name)."""
+    h = hashlib.blake2b(digest_size=16)
+    for r in records:
+        h.update(json.dumps(r.to_dict(), sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def progress(i: int, n: int, t0: float, done0: int, row: dict) -> str:
+    """One flushed line: edits done, edits/s, ETA, and the method's note on the last row."""
+    rate = (i - done0) / max(time.perf_counter() - t0, 1e-9)
+    eta = (n - i) / rate if rate > 0 else float("nan")
+    return (f"edit {i}/{n}  {rate:.3f} edits/s  ETA {eta / 60:.1f} min"
+            + (f"  | {row['note']}" if row.get("note") else ""))
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _key(v) -> str:
+    """How an input is compared on --resume: a list by its content's digest, else its text."""
+    if isinstance(v, (list, tuple)):
+        return "sha:" + hashlib.blake2b(json.dumps(v, default=str).encode(), digest_size=16).hexdigest()
+    return str(Path(v).resolve()) if isinstance(v, Path) else str(v)
+
+
+def run(method, argv=None, log=say) -> "Report | None":
+    """The command line of a method module (scen, nse): validate everything, load, evaluate the
+    unedited model, edit in sequence (saving after every log row, resuming from --out), evaluate
+    the edited model, write results.json + results.md. Returns the Report."""
+    args = parser(method).parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.load_edits:
+            return query(method, args, log)
+        return _edit_run(method, args, log)
+    except (RunError, data.DataError, llama.CheckpointError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+def query(method, args, log=say):
+    """--load-edits OUT --prompt "...": the saved edits answer one prompt."""
+    if not args.prompt:
+        raise RunError("--load-edits needs --prompt")
+    out = Path(args.load_edits)
+    if not (out / "run.json").exists():
+        raise RunError(f"{out}: no run.json (not a run folder)")
+    run_info = json.loads((out / "run.json").read_text())
+    if run_info["method"] != method.name:
+        raise RunError(f"{out}/run.json: method: the run is {run_info['method']}, not {method.name}")
+    model, tok = llama.load(run_info["ckpt"], args.device, args.dtype)
+    ed = method.load(out, model, tok)
+    answer = ed.generate([args.prompt], args.max_new_tokens)[0]
+    if ed.note():
+        print(ed.note(), file=sys.stderr)
+    log(answer)
+    return answer
+
+
+def _edit_run(method, args, log):
+    if not args.ckpt or not args.edits:
+        raise RunError("give --ckpt and --edits (or no arguments for the demo, or --load-edits OUT --prompt ...)")
+    # 1. every input and setting checked before the model is loaded
+    cfg = llama.LlamaConfig.from_file(Path(args.ckpt) / "config.json")
+    records = data.load_edits(args.edits, args.format, n=args.n,
+                              require_subject=method.needs_subject)
+    loc = data.load_edits(args.loc) if args.loc else None
+    settings = settings_from(method, args)
+    method.check_settings(settings, cfg, len(records))
+    inputs = method.inputs_from(args, records)
+    task = guess_task(records, args.format)
+    tname = args.template or ("raw" if task == "counterfact" else method.default_template)
+    out = Path(args.out) if args.out else None
+    info = {"method": method.name, "settings": asdict(settings), "ckpt": str(Path(args.ckpt).resolve()),
+            "edits": str(Path(args.edits).resolve()), "records": records_digest(records), "n": len(records),
+            "loc": records_digest(loc) if loc else None, "template": tname, "system": args.system,
+            "inputs": {k: _key(v) for k, v in inputs.items()}}
+    old = _check_out(out, args.resume, info)
+    # 2. load, the editor (a resumed one from --out), the unedited figures
+    model, tok = llama.load(args.ckpt, args.device, args.dtype)
+    template = data.template_for(tok, tname, args.system)
+    if task == "qa" and template.kind != "raw" and template.end_id(tok) is None:
+        raise RunError(f"{args.ckpt}: the tokenizer has no end token (EOS) to end an answer")
+    rep = Report(f"{method.name} sequential editing, {len(records)} records of {Path(args.edits).name}",
+                 {**info, "device": args.device, "dtype": str(model.dtype), "threads": torch.get_num_threads()})
+    if old is not None and method.saved(out):
+        ed = method.load(out, model, tok)
+        log(f"resuming after {ed.n_edits} of {len(records)} edits")
+    else:
+        ed = method(model, tok, settings, template=template, **inputs)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        llama.write_json(out / "run.json", info if old is None else old)
+    evaluate = lambda em: _evaluate(task, em, tok, template, records, loc, args)
+    if old is not None and "unedited" in old:
+        rep.add("unedited", old["unedited"])
+    elif not args.no_baseline:
+        with rep.timer("eval unedited"):
+            rep.add("unedited", evaluate(ed.eval_model()))
+        if out:
+            llama.write_json(out / "run.json", {**info, "unedited": rep.sections["unedited"]})
+        log(table(rep.sections["unedited"], "unedited"))
+    # 3. sequential edits, saved after every log row
+    done0, t0 = ed.n_edits, time.perf_counter()
+    with rep.timer("editing"):
+        for i in range(done0, len(records), ed.unit):
+            rows = ed.edit(records[i:i + ed.unit])
+            if out:
+                ed.save(out)
+            log(progress(ed.n_edits, len(records), t0, done0, rows[-1]))
+    if out and hasattr(ed, "export"):
+        with rep.timer("export"):
+            ed.export(out / "model", tokenizer_dir=args.ckpt)
+    # 4. the edited figures
+    with rep.timer("eval edited"):
+        rep.add(method.name, evaluate(ed.eval_model()))
+    secs = [r["seconds"] for r in ed.log]
+    per = [r["seconds"] / r.get("n", 1) for r in ed.log]
+    rep.add(method.name, {
+        "s/edit (mean)": metric(sum(secs) / max(ed.n_edits, 1), f"wall seconds per edit, {len(records)} edits", ed.n_edits),
+        "s/edit first": metric(per[0], "wall seconds per edit, first log row", 1),
+        "s/edit last": metric(per[-1], "wall seconds per edit, last log row", 1)})
+    rep.args["settings_used"] = asdict(ed.s)
+    rep.notes += ed.report_notes()
+    if out:
+        rep.write(out)
+    log("\n".join(table(f, k) for k, f in rep.sections.items()))
+    return rep
+
+
+def _check_out(out, resume: bool, info: dict):
+    """The --out rule: a folder holding a run is refused without --resume; --resume with nothing
+    to resume is refused; a resume whose settings, data or checkpoint differ is refused, naming
+    the field. Returns the saved run.json (or None for a fresh run)."""
+    has_run = out is not None and (out / "run.json").exists()
+    if resume and not has_run:
+        raise RunError(f"--resume: {out or '(no --out)'} holds no run to resume (no run.json)")
+    if has_run and not resume:
+        raise RunError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+    if not has_run:
+        if out is not None and out.exists() and any(out.iterdir()):
+            raise RunError(f"{out} is not empty and holds no run: give an empty or new folder")
+        return None
+    old = json.loads((out / "run.json").read_text())
+    for k, v in info.items():
+        if k == "settings":
+            for s, sv in v.items():
+                if old["settings"].get(s) != sv:
+                    raise RunError(f"{out}/run.json: --resume: setting {s} was {old['settings'].get(s)!r}, now {sv!r}")
+        elif old.get(k) != v:
+            raise RunError(f"{out}/run.json: --resume: {k} was {old.get(k)!r}, now {v!r}")
+    return old
+
+
+def _evaluate(task, em, tok, template, records, loc, args) -> dict:
+    if task == "counterfact":
+        return evaluate_counterfact(em, tok, records, with_fluency=not args.no_fluency,
+                                    batch_size=args.eval_batch_size)
+    if task == "ppl":
+        return evaluate_perplexity(em, tok, [(r.prompt, r.target_new) for r in records],
+                                   template=template, batch_size=args.eval_batch_size)
+    return evaluate_qa(em, tok, template, records, loc_pairs=[(r.prompt, r.target_new) for r in loc] if loc else None,
+                       max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size)
+
+
+# --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
 def guess_task(records, fmt: str | None) -> str:
@@ -563,11 +908,10 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=32, help="generation length for exact match")
     ap.add_argument("--out", default=None, help="folder for results.json and results.md")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                    help="compute dtype (float32 on CPU)")
+    ap.add_argument("--dtype", choices=list(llama.DTYPES), help="weights dtype (default: float32 on "
+                    "cpu, bfloat16 elsewhere); on a CPU computation is float32 anyway")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args(argv)
-    import llama
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -578,8 +922,7 @@ def main(argv=None):
     task = guess_task(records, args.format) if args.task == "auto" else args.task
     report = Report(f"eval.py: {task} on {Path(args.data).name}", vars(args))
     with report.timer("load"):
-        tok = llama.load_tokenizer(args.ckpt)
-        model = llama.Llama.from_pretrained(args.ckpt, device=args.device, dtype=getattr(torch, args.dtype))
+        model, tok = llama.load(args.ckpt, args.device, args.dtype)
     model.eval()
     template = data.template_for(tok, args.template) if task == "qa" else Template("raw")
     report.args["template_used"] = template.kind

@@ -1044,6 +1044,16 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.float32 if str(device).startswith("cpu") else torch.bfloat16
 
 
+def load(ckpt_dir, device="cpu", dtype=None):
+    """(model, tokenizer) of a checkpoint folder, with the project's one dtype rule: the weights are
+    held in `dtype` (default: float32 on a CPU, bfloat16 on an accelerator); activations are computed
+    in float32 on a CPU (bf16 matmuls are hundreds of times slower there) and in `dtype` elsewhere."""
+    wd = default_dtype(device) if dtype in (None, "auto") else DTYPES.get(dtype, dtype)
+    cd = torch.float32 if str(device).startswith("cpu") else wd
+    tok = load_tokenizer(ckpt_dir)
+    return Llama.from_pretrained(ckpt_dir, device=device, dtype=wd, compute_dtype=cd), tok
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Continue a prompt with a Llama checkpoint (Hugging Face layout).")
     ap.add_argument("--ckpt", required=True, help="folder with config.json, *.safetensors and a tokenizer")
@@ -1054,14 +1064,12 @@ def main(argv=None):
     ap.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
-    ap.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="compute dtype (auto: fp32 on cpu)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype (auto: float32 on cpu, bfloat16 elsewhere); compute is float32 on cpu")
     args = ap.parse_args(argv)
     if not args.prompt.strip():
         ap.error("--prompt is empty")
-    dtype = default_dtype(args.device) if args.dtype == "auto" else DTYPES[args.dtype]
     try:
-        tok = load_tokenizer(args.ckpt)
-        model = Llama.from_pretrained(args.ckpt, device=args.device, dtype=dtype)
+        model, tok = load(args.ckpt, args.device, args.dtype)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}")
     text = format_chat(tok, args.prompt) if args.chat else args.prompt

@@ -20,21 +20,23 @@ Step numbers ("step 1".."step 5") refer to the NSE section of shared/docs/METHOD
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import data
+import eval as ev
 import llama
-from llama import load_tokenizer
+from eval import setting
 
 
 class EditError(ValueError):
@@ -42,20 +44,27 @@ class EditError(ValueError):
 
 
 @dataclass
-class HParams:
-    layers: list[int]              # edited layers, ascending; z lives at the output of the last (l0)
-    lam: float = 2500.0            # lambda (mom2_update_weight): weight of the corpus prior C0
-    v_lr: float = 0.5              # Adam lr of delta
-    v_steps: int = 25              # at most this many z steps
-    clamp: float = 0.75            # ||delta|| <= clamp * ||h||
-    v_weight_decay: float = 0.5
-    kl_factor: float = 0.0625
-    alpha: float = 30.0            # a request with ||z - h|| <= alpha is done
-    upper_bound: float = 200.0     # ... and one above upper_bound is left alone (and reported)
-    max_iterations: int = 3
-    neuron_threshold: float = 1.0  # share of the |K| mass the selected neurons must hold
-    loss_stop: float = 5e-2
-    method: str = "nse"            # or "memit"
+class Settings:
+    method: str = setting("nse", "nse, or memit (every neuron, z on the current weights, one pass)",
+                          choices=("nse", "memit"))
+    layers: list[int] | None = setting(None, "edited layers, ascending, e.g. 4,5,6,7,8; z lives at the output "
+                                             "of the last (default: 5 layers at 1/8 of the depth)")
+    batch_size: int = setting(100, "requests per sequential batch")
+    lam: float | None = setting(None, "lambda (mom2_update_weight), weight of the corpus prior C0 "
+                                      "(default: derived from the checkpoint)")
+    alpha: float | None = setting(None, "a request with ||z - h|| <= alpha is done (default: derived)")
+    upper_bound: float | None = setting(None, "a request with ||z - h|| >= upper_bound is left alone and "
+                                              "reported (default: derived)")
+    v_lr: float = setting(0.5, "Adam lr of the z optimisation")
+    v_steps: int = setting(25, "at most this many z steps")
+    clamp: float = setting(0.75, "||z - h|| <= clamp * ||h|| in the z optimisation")
+    v_weight_decay: float = setting(0.5, "weight of ||delta|| / ||h||^2 in the z objective")
+    kl_factor: float = setting(0.0625, "weight of the KL term in the z objective")
+    loss_stop: float = setting(5e-2, "a request's z optimisation stops below this loss")
+    max_iterations: int = setting(3, "NSE passes per batch")
+    neuron_threshold: float = setting(1.0, "share of the |K| mass the selected neurons hold")
+    stats_tokens: int = setting(200_000, "tokens of the corpus used for C0")
+    seed: int = setting(0, "seed of the context templates")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,7 +252,7 @@ def z_rows(tok, records, templates):
     return rows
 
 
-def compute_z(model, tok, records, templates, hp: HParams, log=None):
+def compute_z(model, tok, records, templates, hp: Settings, log=None):
     """z_i = h_i + delta_i, delta_i = argmin  mean_c NLL(target | c + prompt; h_l0[s] += delta)
                                              + kl_factor KL(p_0 || p_delta)("{subject}" next token)
                                              + v_weight_decay ||delta|| / ||h||^2,
@@ -409,7 +418,7 @@ class EditState:
         return cls({l: model.layers[l].mlp.down_proj.weight.detach().clone() for l in layers}, {})
 
 
-def edit_batch(model, tok, records, templates, hp: HParams, state: EditState, C0: dict, timer: dict):
+def edit_batch(model, tok, records, templates, hp: Settings, state: EditState, C0: dict, timer: dict):
     """One sequential batch (steps 1-4). Returns the batch log: passes, residuals, requests left."""
     model.requires_grad_(False)
     nse, l0, layers = hp.method == "nse", hp.layers[-1], hp.layers
@@ -491,175 +500,176 @@ def derive_scale_defaults(model, tok, records, templates, layers, C0, clamp: flo
             "hidden_norm_median": m, "mahalanobis_q_median": q}
 
 
-def save_state(out: Path, model, state: EditState, meta: dict):
-    """OUT/nse_state.safetensors: W0.l, Cp.l, W.l (current) and the progress, written atomically."""
-    t = {}
-    for l in state.W0:
-        t[f"W0.{l}"] = state.W0[l]
-        if l in state.Cp:
-            t[f"Cp.{l}"] = state.Cp[l]
-        t[f"W.{l}"] = model.layers[l].mlp.down_proj.weight
-    llama.write_safetensors(out / "nse_state.safetensors", t,
-                            {"meta": json.dumps(meta), "n_done": str(state.n_done), "log": json.dumps(state.log)})
+# ----------------------------------------------------------------------------------------------
+# The editor: batches in sequence, the state that lets editing continue, persistence
+
+def default_cache_dir() -> str:
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "llama-edit", "nse")
 
 
-def check_state(out: Path, meta: dict) -> dict:
-    """The saved run's settings; refuse to resume a state that belongs to another run."""
-    from safetensors import safe_open
-    path = out / "nse_state.safetensors"
-    with safe_open(str(path), "pt") as f:
-        old = json.loads(f.metadata()["meta"])
-    for k in ("method", "edits", "n", "batch_size", "layers", "ckpt"):
-        if old.get(k) != meta.get(k):
-            raise EditError(f"{path}: --resume: {k} was {old.get(k)!r}, now {meta.get(k)!r}")
-    return old
+class Editor(ev.Editor):
+    """Sequential NSE (or MEMIT) edits of the down projections of a few layers of a llama.Llama:
 
+        ed = nse.Editor(model, tokenizer, Settings(batch_size=20), stats_text="wikitext.txt")
+        ed.edit(prompts=["The Eiffel Tower is in"], target_new=["Rome"], subject=["The Eiffel Tower"])
 
-def load_state(out: Path, model) -> EditState:
-    """Put OUT/nse_state.safetensors's edited weights into the (unedited) model; return the state."""
-    from safetensors import safe_open
-    path = out / "nse_state.safetensors"
-    with safe_open(str(path), "pt") as f:
-        info = f.metadata()
-    t, layers = load_file(str(path)), json.loads(info["meta"])["layers"]
-    for l in layers:
-        model.layers[l].mlp.down_proj.weight.data.copy_(t[f"W.{l}"])
-    return EditState({l: t[f"W0.{l}"] for l in layers}, {l: t[f"Cp.{l}"] for l in layers if f"Cp.{l}" in t},
-                     int(info["n_done"]), json.loads(info["log"]))
+    lam, alpha and upper_bound left unset are derived from the first batch (derive_scale_defaults).
+    C0 comes from `stats_text` (cached in `cache_dir`). The result is a plain checkpoint: export()."""
+    name, Settings, default_template, needs_subject = "nse", Settings, "raw", True
+    description = "NSE / sequential MEMIT editing of a Llama checkpoint. No arguments: the demo world."
+
+    def __init__(self, model, tokenizer, settings: Settings | None = None, template="raw", stats_text=None,
+                 cache_dir=None):
+        super().__init__(model, tokenizer, template)
+        self.given = settings or Settings()
+        self.check_settings(self.given, model.config)
+        self.stats_text, self.cache_dir = stats_text, str(cache_dir or default_cache_dir())
+        model.requires_grad_(False)
+        self.contexts = context_templates(model, tokenizer, self.given.seed)
+        self.W0 = {l: w.detach().clone() for l, w in self._weights(self.given).items()}
+        self.C0, self.derived, self.timer = None, {}, {}
+        self.restore()
+
+    def _weights(self, s):
+        layers = s.layers or default_layers(self.model.config.num_hidden_layers)
+        return {l: self.model.layers[l].mlp.down_proj.weight for l in layers}
+
+    @classmethod
+    def check_settings(cls, s, config, n_records=0):
+        L = config.num_hidden_layers
+        if s.layers is not None and (sorted(set(s.layers)) != s.layers or not all(0 <= l < L for l in s.layers)
+                                     or not s.layers):
+            raise EditError(f"layers {s.layers}: must be ascending layer indices below {L}")
+        if s.batch_size < 1:
+            raise EditError(f"batch_size {s.batch_size}: must be at least 1")
+
+    def restore(self):
+        """The original down projections back (the unedited model, bit for bit) and no edits."""
+        for l, w in self._weights(self.given).items():
+            w.data.copy_(self.W0[l])
+        self.s = replace(self.given, layers=list(self.W0))
+        self.state = EditState(self.W0, {})
+        self.log = self.state.log
+
+    @property
+    def unit(self) -> int:
+        return self.s.batch_size
+
+    def check(self, records):
+        super().check(records)
+        check_requests(records)
+
+    def apply(self, records) -> list[dict]:
+        """Batches of batch_size requests in sequence (steps 1-4 each)."""
+        if self.C0 is None:
+            if self.stats_text is None:
+                raise EditError("NSE needs a text corpus for C0: give stats_text= (--stats-text FILE, "
+                                "e.g. WikiText-2 raw)")
+            t = time.perf_counter()
+            self.C0 = load_or_compute_c0(self.model, self.tokenizer, self.stats_text, self.s.layers,
+                                         self.s.stats_tokens, self.cache_dir)
+            self.timer["stats"] = self.timer.get("stats", 0.0) + time.perf_counter() - t
+        rows, st = [], self.state
+        for i in range(0, len(records), self.s.batch_size):
+            batch = records[i:i + self.s.batch_size]
+            if None in (self.s.lam, self.s.alpha, self.s.upper_bound):    # from the first batch
+                self.derived = derive_scale_defaults(self.model, self.tokenizer, batch, self.contexts,
+                                                     self.s.layers, self.C0, self.s.clamp)
+                self.s = replace(self.s, **{k: self.derived[k] for k in ("lam", "alpha", "upper_bound")
+                                            if getattr(self.s, k) is None})
+            t = time.perf_counter()
+            blog = edit_batch(self.model, self.tokenizer, batch, self.contexts, self.s, st, self.C0, self.timer)
+            blog["left_above_upper"] = [st.n_done + j for j in blog["left_above_upper"]]   # global indices
+            st.n_done += len(batch)
+            blog.update(n=len(batch), n_done=st.n_done, seconds=time.perf_counter() - t)
+            blog["note"] = ", ".join(f"[r {p['r_mean']:.1f} edited {p['edited']} above {p['above_upper']}]"
+                                     for p in blog["passes"])
+            st.log.append(blog)
+            rows.append(blog)
+        return rows
+
+    def report_notes(self) -> list[str]:
+        left = sum(len(b["left_above_upper"]) for b in self.log)
+        total = sum(self.timer.values()) or 1.0
+        return [f"lam {self.s.lam:.1f}, alpha {self.s.alpha:.1f}, upper_bound {self.s.upper_bound:.1f}"
+                + (f" (derived: {json.dumps({k: round(v, 1) for k, v in self.derived.items()})})" if self.derived else ""),
+                f"requests left above upper_bound (never edited): {left}",
+                "time shares: " + ", ".join(f"{k} {v / total:.3f}" for k, v in self.timer.items())]
+
+    # -- persistence: OUT/nse_state.safetensors (W0.l, Cp.l, W.l + settings and log), atomic ---
+    def save(self, out):
+        t = {}
+        for l, w in self._weights(self.s).items():
+            t[f"W0.{l}"], t[f"W.{l}"] = self.W0[l], w
+            if l in self.state.Cp:
+                t[f"Cp.{l}"] = self.state.Cp[l]
+        meta = {"settings": asdict(self.s), "given": asdict(self.given), "contexts": self.contexts,
+                "template": [self.template.kind, self.template.system], "stats_text": str(self.stats_text),
+                "cache_dir": self.cache_dir, "n_done": self.state.n_done, "log": self.log, "derived": self.derived}
+        llama.write_safetensors(Path(out) / "nse_state.safetensors", t, {"state": json.dumps(meta)})
+
+    @classmethod
+    def saved(cls, out) -> bool:
+        return (Path(out) / "nse_state.safetensors").exists()
+
+    @classmethod
+    def load(cls, out, model, tokenizer):
+        """The editor saved in OUT, applied to `model`, which must be the unedited checkpoint."""
+        path = Path(out) / "nse_state.safetensors"
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["state"])
+        t, ed = load_file(str(path)), cls.__new__(cls)
+        ev.Editor.__init__(ed, model, tokenizer, data.Template(*meta["template"]))
+        ed.given, ed.s, ed.contexts, ed.derived = Settings(**meta["given"]), Settings(**meta["settings"]), meta["contexts"], meta["derived"]
+        ed.stats_text, ed.cache_dir, ed.C0, ed.timer = meta["stats_text"], meta["cache_dir"], None, {}
+        ed.W0 = {l: t[f"W0.{l}"].to(model.device) for l in ed.s.layers}
+        model.requires_grad_(False)
+        for l, w in ed._weights(ed.s).items():
+            if not torch.equal(w, ed.W0[l].to(w.dtype)):
+                raise EditError(f"{path}: layer {l}'s down projection is not the one these edits started "
+                                f"from: load them on the unedited checkpoint")
+            w.data.copy_(t[f"W.{l}"])
+        ed.state = EditState(ed.W0, {l: t[f"Cp.{l}"] for l in ed.s.layers if f"Cp.{l}" in t}, meta["n_done"], meta["log"])
+        ed.log = ed.state.log
+        return ed
+
+    def export(self, out_dir, tokenizer_dir=None):
+        """The edited model as a plain Hugging Face checkpoint folder (atomic files)."""
+        self.model.save_pretrained(out_dir, tokenizer_dir=tokenizer_dir)
+
+    # -- the run harness's inputs: the corpus for C0 ---------------------------------------------
+    @classmethod
+    def add_inputs(cls, g):
+        shared = Path(__file__).resolve().parent.parent / "shared/data/wikitext/wikitext-2-raw-test.txt"
+        g.add_argument("--stats-text", default=str(shared) if shared.is_file() else None,
+                       help="text corpus for C0 (default: ../shared's WikiText-2 test, when present)")
+        g.add_argument("--cache-dir", default=default_cache_dir(), help="where C0 is cached")
+
+    @classmethod
+    def inputs_from(cls, args, records) -> dict:
+        if not args.stats_text:
+            raise EditError("NSE computes C0 from a text corpus: pass --stats-text FILE (e.g. WikiText-2 raw text)")
+        if not Path(args.stats_text).is_file():
+            raise EditError(f"--stats-text {args.stats_text}: file not found")
+        check_requests(records)
+        return {"stats_text": Path(args.stats_text), "cache_dir": args.cache_dir}
 
 
 # ----------------------------------------------------------------------------------------------
-# CLI
+# Command line: the run harness of eval.py, and the demo
 
-def evaluate(model, tok, records, fmt, fluency=True, seed=0):
-    import eval as evaluation
-    em = evaluation.LlamaEvalModel(model, tok, data.Template("raw"))
-    if evaluation.guess_task(records, fmt) == "counterfact":
-        return evaluation.evaluate_counterfact(em, tok, records, with_fluency=fluency, seed=seed)
-    return evaluation.evaluate_qa(em, tok, data.Template("raw"), records)
-
-
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="NSE / sequential MEMIT model editing of a Llama checkpoint. "
-                                 "No arguments: the demo world end to end.")
-    a = ap.add_argument
-    a("--ckpt", help="checkpoint folder (Hugging Face layout); default: the demo model")
-    a("--edits", help="edit file (CounterFact / ZsRE / EasyEdit JSON, or the project's JSONL)")
-    a("--format", choices=data.FORMATS, help="edit file format (default: detected)")
-    a("--method", choices=["nse", "memit"], default="nse", help="NSE, or the sequential MEMIT baseline")
-    a("--n", type=int, help="edit the first n requests (default: all)")
-    a("--batch-size", type=int, default=100, help="requests per sequential batch")
-    a("--layers", help="edited layers, e.g. 4,5,6,7,8 (default: 5 layers at 1/8 of the depth)")
-    a("--lam", type=float, help="lambda, weight of C0 (default: derived from the checkpoint)")
-    a("--alpha", type=float, help="done when ||z - h|| <= alpha (default: derived)")
-    a("--upper-bound", type=float, help="requests with ||z - h|| >= this are not edited, and reported (default: derived)")
-    a("--v-lr", type=float, default=0.5, help="Adam lr of the z optimisation")
-    a("--v-steps", type=int, default=25, help="at most this many z steps")
-    a("--clamp", type=float, default=0.75, help="||z - h|| <= clamp * ||h|| in the z optimisation")
-    a("--max-iterations", type=int, default=3, help="NSE passes per batch")
-    a("--neuron-threshold", type=float, default=1.0, help="share of the |K| mass the selected neurons hold")
-    a("--stats-text", default=str(Path(__file__).resolve().parent.parent / "shared/data/wikitext/wikitext-2-raw-test.txt"),
-      help="corpus for C0 (default: ../shared WikiText-2 test)")
-    a("--stats-tokens", type=int, default=200_000, help="tokens of the corpus used for C0")
-    a("--cache-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "llama-edit", "nse"),
-      help="where C0 is cached ($XDG_CACHE_HOME/llama-edit/nse)")
-    a("--out", help="output folder: edited model (HF layout), nse_state.safetensors, results.json")
-    a("--resume", action="store_true", help="continue the run whose state is in --out")
-    a("--no-fluency", action="store_true", help="skip the Fluency generations")
-    a("--baseline", action="store_true", help="also evaluate the unedited model first")
-    a("--device", default="cpu", help="torch device")
-    a("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype (compute is float32)")
-    a("--threads", type=int, default=os.cpu_count(), help="CPU threads")
-    a("--seed", type=int, default=0, help="seed of the context templates and the Fluency samples")
-    return ap.parse_args(argv)
+def demo(log=ev.say):
+    """`python nse.py`: the demo world's completions; the 6-layer model's settings (measured): z
+    from block 0, a wider ball, alpha 1."""
+    import train_sft
+    p = train_sft.ensure_demo(log=log)
+    return ev.run(Editor, ["--ckpt", str(p["ckpt"]), "--edits", str(p["edits_cf"]), "--stats-text", str(p["corpus"]),
+                           "--batch-size", "10", "--layers", "0", "--alpha", "1", "--clamp", "2"], log=log)
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.ckpt is None and args.edits is None:               # the demo world
-        import train_sft
-        demo = train_sft.ensure_demo()
-        args.ckpt, args.edits, args.stats_text = str(demo["ckpt"]), str(demo["edits_cf"]), str(demo["corpus"])
-        args.batch_size, args.baseline = 10, True
-        # the 6-layer demo model: z from block 0, a wider ball, alpha 1 (measured; see the report)
-        args.layers, args.alpha = args.layers or "0", args.alpha or 1.0
-        args.clamp = 2.0 if args.clamp == 0.75 else args.clamp
-    if args.ckpt is None or args.edits is None:
-        raise SystemExit("nse.py: error: give both --ckpt and --edits (or neither, for the demo)")
-    try:                                                         # every input checked before any work
-        records = data.load_edits(args.edits, args.format, n=args.n, require_subject=True)
-        check_requests(records)
-        if args.n is not None and len(records) < args.n:
-            raise EditError(f"{args.edits}: --n {args.n} but the file holds {len(records)} records")
-        if args.batch_size < 1 or args.batch_size > len(records):
-            raise EditError(f"--batch-size {args.batch_size} must be between 1 and the number of edits ({len(records)})")
-        if not Path(args.stats_text).is_file():
-            raise EditError(f"--stats-text {args.stats_text}: file not found")
-        L = llama.LlamaConfig.from_file(Path(args.ckpt) / "config.json").num_hidden_layers
-        layers = [int(x) for x in args.layers.split(",")] if args.layers else default_layers(L)
-        if sorted(set(layers)) != layers or not all(0 <= l < L for l in layers):
-            raise EditError(f"--layers {layers}: must be ascending layer indices below {L}")
-        out = Path(args.out) if args.out else None
-        meta = {"method": args.method, "edits": str(Path(args.edits).resolve()), "n": len(records),
-                "batch_size": args.batch_size, "layers": layers, "ckpt": str(Path(args.ckpt).resolve())}
-        resume = bool(args.resume and out and (out / "nse_state.safetensors").exists())
-        old = check_state(out, meta) if resume else None
-    except (data.DataError, EditError, llama.CheckpointError) as e:
-        raise SystemExit(f"nse.py: error: {e}")
-    model = llama.Llama.from_pretrained(args.ckpt, device=args.device, dtype=getattr(torch, args.dtype),
-                                        compute_dtype=torch.float32)
-    tok = load_tokenizer(args.ckpt)
-    t_all = time.perf_counter()
-    timer, report = {}, {}
-    templates = context_templates(model, tok, args.seed)
-    t = time.perf_counter()
-    C0 = load_or_compute_c0(model, tok, args.stats_text, layers, args.stats_tokens, args.cache_dir)
-    timer["stats"] = time.perf_counter() - t
-    derived = derive_scale_defaults(model, tok, records[:args.batch_size], templates, layers, C0, args.clamp)
-    hp = HParams(layers, lam=args.lam or derived["lam"], alpha=args.alpha or derived["alpha"],
-                 upper_bound=args.upper_bound or derived["upper_bound"], v_lr=args.v_lr, v_steps=args.v_steps, clamp=args.clamp,
-                 max_iterations=args.max_iterations, neuron_threshold=args.neuron_threshold, method=args.method)
-    print(f"{args.method}: layers {layers}  lambda {hp.lam:.0f}  alpha {hp.alpha:.1f}  upper_bound {hp.upper_bound:.1f}"
-          f"  (derived: {json.dumps({k: round(v, 1) for k, v in derived.items()})})")
-    meta.update(hp=asdict(hp), templates=templates)
-    if args.baseline:
-        report["unedited"] = evaluate(model, tok, records, args.format, not args.no_fluency, args.seed)
-    state = EditState.fresh(model, layers)
-    if resume:
-        state = load_state(out, model)
-        hp, templates = HParams(**old["hp"]), old["templates"]
-        meta.update(hp=old["hp"], templates=templates)
-        print(f"resumed after {state.n_done} edits")
-    while state.n_done < len(records):
-        batch = records[state.n_done:state.n_done + args.batch_size]
-        t = time.perf_counter()
-        blog = edit_batch(model, tok, batch, templates, hp, state, C0, timer)
-        blog["left_above_upper"] = [state.n_done + i for i in blog["left_above_upper"]]   # global indices
-        state.n_done += len(batch)
-        blog.update(n_done=state.n_done, seconds=time.perf_counter() - t)
-        state.log.append(blog)
-        print(f"batch {len(state.log)}: {state.n_done}/{len(records)} edits, {blog['seconds']:.1f} s, passes "
-              + ", ".join(f"[r {p['r_mean']:.1f} edited {p['edited']} above {p['above_upper']}]" for p in blog["passes"])
-              + (f"; left above upper_bound: {blog['left_above_upper']}" if blog["left_above_upper"] else ""), flush=True)
-        if out:
-            save_state(out, model, state, meta)
-            model.save_pretrained(out / "model", tokenizer_dir=args.ckpt)
-    t = time.perf_counter()
-    report[args.method] = evaluate(model, tok, records, args.format, not args.no_fluency, args.seed)
-    timer["eval"] = time.perf_counter() - t
-    res = {"args": vars(args), "hparams": asdict(hp), "derived": derived, "results": report,
-           "timings_s": timer, "total_s": time.perf_counter() - t_all, "batches": state.log,
-           "left_above_upper_bound": sum(len(b["left_above_upper"]) for b in state.log)}
-    names = ["Efficacy", "Generalization", "Specificity", "Fluency", "Reliability (tf)", "Generality (tf)", "Locality (tf)"]
-    for k, figs in report.items():
-        print(f"{k:<10}" + "  ".join(f"{n} {figs[n]['value']:.2f}" for n in names if n in figs))
-    print(f"requests left above upper_bound (never edited, listed per batch in results.json): "
-          f"{res['left_above_upper_bound']}")
-    print("time (s): " + "  ".join(f"{k} {v:.1f}" for k, v in timer.items()))
-    if out:
-        data.atomic_write_text(out / "results.json", json.dumps(res, indent=1, default=str) + "\n")
-    return res
+    argv = sys.argv[1:] if argv is None else argv
+    return ev.run(Editor, argv) if argv else demo()
 
 
 if __name__ == "__main__":

@@ -23,14 +23,12 @@ trains on the cached input of layer l, running layers l..L only: time per edit s
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -42,6 +40,7 @@ import data
 import eval as ev
 import llama
 import train_sft
+from eval import setting
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,38 +48,46 @@ import train_sft
 
 @dataclass
 class Settings:
-    method: str = "scen"          # "scen" | "ft" (fine-tune W_down of layer l in place)
-    layer: int | None = None      # None: round(depth * number of layers)
-    depth: float = 0.8            # paper: 20/32 (layer 20 of Llama-2-7B); 0.8 measured better on SmolLM2
-    theta: float = 0.65           # routing threshold (eq. 11)
-    expert_lr: float = 1e-3       # paper/code: 1e-4
-    expert_steps: int = 60        # paper: exactly 10; here a cap when expert_until
-    expert_until: bool = True     # stop as soon as the edit is reproduced (all target tokens argmax)
-    expert_nll: float = 0.1       # ... and its mean NLL is below this
-    loss: str = "paper"           # "paper" (eq. 5-8) | "code" (official code's variant)
-    alpha: float = 0.7
-    beta: float = 0.3
-    m: float = 1.0
-    neuron_lr: float = 3e-2       # paper/code: 1e-4 (1e-2 -> 3e-2: 36 -> 21 of 200 neurons at the step cap)
-    neuron_steps: int = 1500      # paper: exactly 20; here a cap when neuron_until (400 -> 1500: Rel/Gen/Loc
-                                  # 98.0/92.5/90.6 -> 98.5/94.0/95.3 after 200 SmolLM2 edits)
-    neuron_until: bool = True     # train until separated: own a > theta+pos_margin, negatives < theta-neg_margin
-    pos_margin: float = 0.2
-    neg_margin: float = 0.3
-    features: str = "center-norm"  # "raw" (paper) | "center" | "center-norm": (u - mean unrelated u) / norm
-    neuron_init: str = "random"   # nn.Linear's default init (paper) | "proto": w = c f(u_t), a_t = theta + pos_margin
-    pool: str = "mean"            # "last": u at the last prompt token (paper) | "mean" over the prompt's tokens
-    bias: bool = True             # the neuron gets a bias (paper: none)
-    unrelated_neg: bool = True    # unrelated prompts are negatives too (paper: previous edits only)
-    retrain: bool = True          # an old neuron that fires on a new edit is retrained against it
-    seed: int = 0
+    method: str = setting("scen", "scen, or ft (fine-tune W_down of layer l in place)", choices=("scen", "ft"))
+    layer: int | None = setting(None, "edited layer (default: round(depth * number of layers))")
+    depth: float = setting(0.8, "default layer as a fraction of the depth (paper: 20/32; 0.8 measured "
+                                "better on SmolLM2)")
+    theta: float = setting(0.65, "routing threshold (eq. 11)")
+    expert_lr: float = setting(1e-3, "expert Adam lr (paper/code: 1e-4)")
+    expert_steps: int = setting(60, "expert steps (paper: exactly 10); a cap with expert_until")
+    expert_until: bool = setting(True, "true/false: stop when the edit is reproduced (every target "
+                                       "token argmax, mean NLL below expert_nll)")
+    expert_nll: float = setting(0.1, "expert_until's NLL bound")
+    loss: str = setting("paper", "paper: eq. 5-8; code: the official code's variant", choices=("paper", "code"))
+    alpha: float = setting(0.7, "eq. 6's alpha")
+    beta: float = setting(0.3, "eq. 7's beta")
+    m: float = setting(1.0, "weight of the negative terms in eq. 8")
+    neuron_lr: float = setting(3e-2, "neuron Adam lr (paper/code: 1e-4; 1e-2 -> 3e-2: 36 -> 21 of 200 "
+                                     "neurons at the step cap)")
+    neuron_steps: int = setting(1500, "neuron steps (paper: exactly 20); a cap with neuron_until (400 -> "
+                                      "1500: Rel/Gen/Loc 98.0/92.5/90.6 -> 98.5/94.0/95.3 after 200 edits)")
+    neuron_until: bool = setting(True, "true/false: train until separated: own a > theta + pos_margin, "
+                                       "negatives < theta - neg_margin")
+    pos_margin: float = setting(0.2, "own activation must exceed theta by this")
+    neg_margin: float = setting(0.3, "negatives must stay below theta by this")
+    features: str = setting("center-norm", "neuron input: raw u (paper), u - mean unrelated u, or that "
+                            "normalised", choices=("raw", "center", "center-norm"))
+    neuron_init: str = setting("random", "nn.Linear's default init (paper), or proto: w = c f(u_t)",
+                               choices=("random", "proto"))
+    pool: str = setting("mean", "feature: u at the last prompt token (paper) or the mean over the prompt",
+                        choices=("last", "mean"))
+    bias: bool = setting(True, "true/false: the neuron gets a bias (paper: none)")
+    unrelated_neg: bool = setting(True, "true/false: unrelated prompts are negatives too (paper: "
+                                        "previous edits only)")
+    retrain: bool = setting(True, "true/false: an old neuron that fires on a new edit is retrained against it")
+    seed: int = setting(0, "seed of the neurons' initialisation")
 
 
 PAPER = dict(expert_lr=1e-4, expert_steps=10, expert_until=False, neuron_lr=1e-4, neuron_steps=20,
              neuron_until=False, features="raw", bias=False, unrelated_neg=False, retrain=False,
              loss="paper", theta=0.65, pool="last", neuron_init="random", depth=20 / 32)
 
-# Unrelated questions: the centre of the feature space and extra negatives when no file is given.
+# Unrelated questions: the centre of the feature space and extra negatives when none are given.
 UNRELATED = ["What is the capital of France?", "Who wrote Hamlet?", "How many legs does a spider have?",
              "What is the boiling point of water?", "Which planet is closest to the sun?",
              "What language is spoken in Brazil?", "Who painted the Mona Lisa?", "What year did World War II end?",
@@ -306,41 +313,72 @@ def train_neuron(f_t, f_neg, s: Settings, w0=None, b0=None, generator=None):
 # ----------------------------------------------------------------------------------------------
 # 5. The editor: sequential edits, routing hook, persistence
 
-class Editor:
-    """Sequential SCEN (or FT) edits of one layer of a llama.Llama, in memory and in OUT.
+class Editor(ev.Editor):
+    """Sequential SCEN (or FT) edits of one layer of a llama.Llama:
 
-    The model's layer-l down projection becomes a RoutedDown (SCEN) or is fine-tuned in place
-    (FT); the checkpoint on disk is never touched. `prepare` is eval.py's routing hook."""
+        ed = scen.Editor(model, tokenizer, Settings(), template="auto", unrelated=[questions])
+        ed.edit(prompts=["Who wrote Dune?"], target_new=["Frank Herbert"]); ed.generate([...])
 
-    def __init__(self, model, settings: Settings, unrelated_ids: list[list[int]], out=None, meta=None):
-        self.model, self.s, self.out, self.meta = model, settings, Path(out) if out else None, meta or {}
-        s, L = settings, model.config.num_hidden_layers
-        if s.layer is None:
-            self.s = s = replace(s, layer=default_layer(L, s.depth))
-        if not 0 <= s.layer < L:
+    Layer l's down projection becomes a RoutedDown (SCEN) or a trainable copy (FT); restore()
+    puts the original module back. `unrelated`: prompts of the kind the model will be asked
+    (texts, or token ids), the features' centre and extra negatives; leave the edit prompts out.
+    Token-level entry points (tests, benches): edit_ids(ids, target_start), generate_ids."""
+    name, Settings, description = "scen", Settings, ("SCEN sequential editing (experts + indexing "
+                                                     "neurons), or the FT baseline. No arguments: the demo.")
+    presets = {"paper": {**PAPER, "help": "the paper's settings (lr 1e-4, 10/20 steps, raw features, ...)"}}
+
+    def __init__(self, model, tokenizer=None, settings: Settings | None = None, template="auto", unrelated=None):
+        super().__init__(model, tokenizer, template)
+        s = settings or Settings()
+        self.s = s = s if s.layer is not None else replace(s, layer=default_layer(model.config.num_hidden_layers, s.depth))
+        self.check_settings(s, model.config, 0)
+        model.requires_grad_(False)
+        self.base = model.layers[s.layer].mlp.down_proj
+        self.unrelated = list(UNRELATED if unrelated is None else unrelated)
+        ids = [q if isinstance(q, list) else data.encode_prompt(tokenizer, self.template, q) for q in self.unrelated]
+        self.U_unrel = torch.stack([layer_inputs(model, s.layer, q, self.base, kind=s.pool)[1] for q in ids])
+        self.restore()
+
+    @classmethod
+    def check_settings(cls, s, config, n_records=0):
+        L = config.num_hidden_layers
+        if s.layer is not None and not 0 <= s.layer < L:
             raise ValueError(f"layer {s.layer} is out of range: the model has layers 0..{L - 1}")
         if not 0 < s.theta < 1:
             raise ValueError(f"theta {s.theta} must be in (0, 1)")
-        model.requires_grad_(False)
-        self.base = model.layers[s.layer].mlp.down_proj
-        self.U_unrel = torch.stack([layer_inputs(model, s.layer, ids, self.base, kind=s.pool)[1] for ids in unrelated_ids])
-        self.mu = self.U_unrel.mean(0)
-        self.U = []                      # cached u of every edited prompt (the neurons' training set)
-        self.log: list[dict] = []
-        if s.method == "scen":
-            self.router = RoutedDown(self.base, s, self.mu)
-            model.layers[s.layer].mlp.down_proj = self.router
-        else:
-            self.ft = Expert(self.base.weight.detach().float().clone())
-            model.layers[s.layer].mlp.down_proj = self.ft
+
+    def restore(self):
+        """The original down projection back in the model (its logits are the unedited model's, bit
+        for bit) and no edits; the next edit starts again from edit 1."""
+        self.model.layers[self.s.layer].mlp.down_proj = self.base
+        self.mu, self.U, self.log, self.saved_n = self.U_unrel.mean(0), [], [], {}
+        self.router = RoutedDown(self.base, self.s, self.mu) if self.s.method == "scen" else None
+        self.ft = Expert(self.base.weight.detach().float().clone()) if self.s.method == "ft" else None
+
+    def install(self):
+        self.model.layers[self.s.layer].mlp.down_proj = self.router or self.ft
 
     def feats(self, U):
         return featurize(U, self.mu, self.s.features)
 
-    # -- one edit ----------------------------------------------------------------------------
-    def edit(self, ids: list[int], target_start: int, info: dict | None = None, expert=None) -> dict:
+    # -- edits ---------------------------------------------------------------------------------
+    def check(self, records):
+        super().check(records)
+        if self.template.end_id(self.tokenizer) is None:
+            raise ValueError("the tokenizer has no end token (EOS): the expert learns target + end token")
+
+    def apply(self, records) -> list[dict]:
+        """One edit per record: prompt + target + end token, as generation would produce them."""
+        rows = []
+        for r in records:
+            e = data.encode_prompt_target(self.tokenizer, self.template, r.prompt, r.target_new, add_eos=True)
+            rows.append(self.edit_ids(e.ids, e.target_start, {"prompt": r.prompt, "target": r.target_new}))
+        return rows
+
+    def edit_ids(self, ids: list[int], target_start: int, info: dict | None = None, expert=None) -> dict:
         """Edit t = len(log) + 1: ids = prompt + target (+ end token); target_start = #prompt ids.
         expert: an already trained expert for this edit (benchmarks reuse stage 1 across variants)."""
+        self.install()
         s, t0, c0, t = self.s, time.perf_counter(), time.process_time(), len(self.log)
         h_l, u = layer_inputs(self.model, s.layer, ids, self.base, target_start - 1, s.pool)
         rec = dict(info or {}, ids=ids, target_start=target_start)
@@ -356,9 +394,9 @@ class Editor:
         self.U.append(u)
         rec["seconds"] = time.perf_counter() - t0
         rec["cpu_seconds"] = time.process_time() - c0           # robust to other jobs on the machine
+        rec["note"] = f"expert {rec['expert_steps']} steps" + (
+            f"  neuron {rec['neuron_steps']} steps  a={rec['a_own']:.2f}" if "a_own" in rec else "")
         self.log.append(rec)
-        if self.out:
-            self.save(self.out)
         return rec
 
     def negatives(self, exclude: int):
@@ -392,239 +430,92 @@ class Editor:
     # -- inference -----------------------------------------------------------------------------
     def prepare(self, tokens, attention_mask, prompt_end):
         """eval.py hook: route each row at its last prompt token on the next forward pass."""
-        if self.s.method == "scen":
+        if self.router is not None and self.model.layers[self.s.layer].mlp.down_proj is self.router:
             self.router.route_at(prompt_end, attention_mask)
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, **kw) -> list[list[int]]:
+    def generate_ids(self, prompts: list[list[int]], max_new_tokens: int, **kw) -> list[list[int]]:
         """Greedy continuation of token prompts with the edits (left padding: last prompt token at T-1)."""
         tokens, mask = llama.pad_batch(prompts, 0, "left", self.model.device)
         self.prepare(tokens, mask, torch.full((len(prompts),), tokens.shape[1] - 1, device=self.model.device))
         return llama.generate(self.model, prompts, max_new_tokens, **kw)
 
-    # -- persistence: OUT/scen.json (settings + log, written last), experts/, index.safetensors --
-    def save(self, out):
-        out = Path(out)
-        (out / "experts").mkdir(parents=True, exist_ok=True)
-        t = len(self.log)
-        if self.s.method == "scen":
-            llama.write_safetensors(out / "experts" / f"expert_{t:05d}.safetensors",
-                                    {"weight": self.router.experts[-1]})
-            llama.write_safetensors(out / "index.safetensors", {"W": self.router.W, "b": self.router.b,
-                                                                "U": torch.stack(self.U), "U_unrel": self.U_unrel})
-        else:
-            llama.write_safetensors(out / "ft_down.safetensors", {"weight": self.ft.weight,
-                                                                  "U": torch.stack(self.U), "U_unrel": self.U_unrel})
-        llama.atomic_write(out / "scen.json", lambda p: Path(p).write_text(json.dumps(
-            {"settings": asdict(self.s), "meta": self.meta, "log": self.log}, indent=1)))
+    def note(self):
+        c = None if self.router is None or self.router.choice is None else self.router.choice[0].item()
+        return None if c is None else f"[routed to expert {c + 1}]" if c >= 0 else "[no expert fired: original weights]"
 
-    def load(self, out):
-        """Restore the edits saved in OUT (same model, same settings)."""
+    # -- persistence: OUT/experts/expert_00001.safetensors ..., index.safetensors, scen.json last --
+    def save(self, out):
+        """Write what OUT lacks: the experts made since the last save there, the index (W_merge, b,
+        cached features) or FT's weight, then scen.json (settings, template, log), which names
+        how many edits the folder holds; load() trusts scen.json and ignores anything beyond it."""
+        out, t = Path(out), len(self.log)
+        feats = {"U": torch.stack(self.U) if self.U else self.U_unrel[:0], "U_unrel": self.U_unrel}
+        if self.router is not None:
+            for k in range(self.saved_n.get(str(out), 0), t):
+                llama.write_safetensors(out / "experts" / f"expert_{k + 1:05d}.safetensors",
+                                        {"weight": self.router.experts[k]})
+            llama.write_safetensors(out / "index.safetensors", {"W": self.router.W, "b": self.router.b, **feats})
+        else:
+            llama.write_safetensors(out / "ft_down.safetensors", {"weight": self.ft.weight, **feats})
+        llama.write_json(out / "scen.json", {"settings": asdict(self.s), "template": [self.template.kind,
+                         self.template.system], "unrelated": self.unrelated, "log": self.log})
+        self.saved_n[str(out)] = t
+
+    @classmethod
+    def saved(cls, out) -> bool:
+        return (Path(out) / "scen.json").exists()
+
+    @classmethod
+    def load(cls, out, model, tokenizer=None):
+        """The editor saved in OUT, on `model` (the unedited checkpoint the edits were made on)."""
         out = Path(out)
         st = json.loads((out / "scen.json").read_text())
-        self.log = st["log"]
-        dev = self.mu.device
-        if self.s.method == "scen":
-            idx = load_file(str(out / "index.safetensors"), device=str(dev))
-            self.router.W, self.router.b, self.U = idx["W"], idx["b"], list(idx["U"])
-            self.router.experts = [load_file(str(out / "experts" / f"expert_{t:05d}.safetensors"),
-                                             device=str(dev))["weight"] for t in range(1, len(self.log) + 1)]
+        ed, s, t = cls.__new__(cls), Settings(**st["settings"]), len(st["log"])
+        ev.Editor.__init__(ed, model, tokenizer, data.Template(*st["template"]))
+        model.requires_grad_(False)
+        ed.s, ed.base, ed.unrelated = s, model.layers[s.layer].mlp.down_proj, st["unrelated"]
+        dev = str(model.device)
+        x = load_file(str(out / ("index.safetensors" if s.method == "scen" else "ft_down.safetensors")), device=dev)
+        ed.U_unrel = x["U_unrel"]
+        ed.restore()
+        ed.log, ed.U, ed.saved_n = st["log"], list(x["U"][:t]), {str(out): t}
+        if s.method == "scen":
+            ed.router.W, ed.router.b = x["W"][:t], x["b"][:t]
+            ed.router.experts = [load_file(str(out / "experts" / f"expert_{k:05d}.safetensors"), device=dev)["weight"]
+                                 for k in range(1, t + 1)]
         else:
-            ft = load_file(str(out / "ft_down.safetensors"), device=str(dev))
-            self.ft.weight.data.copy_(ft["weight"])
-            self.U = list(ft["U"])
-        return self
+            ed.ft.weight.data.copy_(x["weight"])
+        ed.install()
+        return ed
 
+    # -- the run harness's inputs: the unrelated prompts ----------------------------------------
+    @classmethod
+    def add_inputs(cls, g):
+        g.add_argument("--unrelated", help="records whose prompts centre the features and serve as "
+                       "negatives: give ~1000 prompts of the kind the model will be asked (e.g. its SFT "
+                       "set; Locality 75 with 64, 95 with 900 after 200 edits); default: 16 built-in questions")
 
-# ----------------------------------------------------------------------------------------------
-# 6. Records in, figures out (data.py / eval.py)
-
-def encode(tok, template, rec):
-    """(ids, target_start) of prompt + target + end token, as generation would produce them."""
-    e = data.encode_prompt_target(tok, template, rec.prompt, rec.target_new, add_eos=True)
-    return e.ids, e.target_start
-
-
-def run_edits(editor, tok, template, records, log=print):
-    """Edit the records not yet in editor.log, one by one, with a progress line."""
-    n, done, t0 = len(records), len(editor.log), time.perf_counter()
-    for i in range(done, n):
-        ids, ts = encode(tok, template, records[i])
-        r = editor.edit(ids, ts, {"prompt": records[i].prompt, "target": records[i].target_new})
-        eta = (time.perf_counter() - t0) / (i + 1 - done) * (n - i - 1)
-        log(f"edit {i + 1}/{n}  {r['seconds']:.2f} s/edit  expert {r['expert_steps']} steps"
-            + (f"  neuron {r['neuron_steps']} steps  a={r['a_own']:.2f}" if "a_own" in r else "")
-            + f"  ETA {eta:.0f} s")
-
-
-def evaluate(model, tok, template, records, loc_pairs, prepare=None, before=None, batch_size=16):
-    """Reliability / Generality / Locality, generation exact match and teacher-forced (eval.py)."""
-    em = ev.LlamaEvalModel(model, tok, template, prepare=prepare)
-    return ev.evaluate_qa(em, tok, template, records, loc_pairs=loc_pairs, before=before, batch_size=batch_size)
-
-
-def load_model(ckpt, device: str, dtype: str | None):
-    wd = llama.DTYPES[dtype] if dtype else llama.default_dtype(device)
-    cd = torch.float32 if str(device).startswith("cpu") else wd
-    return llama.Llama.from_pretrained(ckpt, device=device, dtype=wd, compute_dtype=cd), llama.load_tokenizer(ckpt)
-
-
-def settings_from(args) -> Settings:
-    s = Settings(**(PAPER if args.paper else {}))
-    for f in fields(Settings):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            s = replace(s, **{f.name: v})
-    return s
-
-
-def fail(msg):
-    raise SystemExit(f"error: {msg}")
-
-
-# ----------------------------------------------------------------------------------------------
-# 7. CLI
-
-def parser():
-    ap = argparse.ArgumentParser(description="SCEN sequential editing (experts + indexing neurons), "
-                                 "or the FT baseline. No arguments: the demo world, end to end.")
-    a = ap.add_argument
-    a("--ckpt", help="base checkpoint folder (Hugging Face layout); never modified")
-    a("--edits", help="edit records (.json/.jsonl: ZsRE, EasyEdit, the project's JSONL)")
-    a("--format", default=None, help="edits format (default: detect)")
-    a("--loc", help="records whose (prompt, target_new) are the Locality pairs (D_loc)")
-    a("--unrelated", help="records whose prompts centre the features and serve as negatives: give "
-                          "~1000 prompts of the kind the model will be asked (e.g. its SFT set; "
-                          "measured: Locality 75 with 64, 91 with 900 after 200 edits); default: a "
-                          "built-in list of 16 general questions")
-    a("--template", default="auto", help="auto | llama2 ([INST]q[/INST], SCEN) | chatml | raw")
-    a("--system", default=None, help="chatml: the system message ('' = empty; default: the template's)")
-    a("--n", type=int, help="edit the first n records")
-    a("--out", help="folder for the edits (safetensors), the log and results.json")
-    a("--resume", action="store_true", help="continue the edits saved in --out")
-    a("--load-edits", help="folder of saved edits to query with --prompt")
-    a("--prompt", help="with --load-edits: the question to answer")
-    a("--max-new-tokens", type=int, default=32, help="generation length for answers")
-    a("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
-    a("--dtype", default=None, choices=list(llama.DTYPES), help="weights dtype (default: fp32 on cpu, "
-      "bf16 elsewhere); on a CPU computation is fp32 anyway")
-    a("--paper", action="store_true", help="the paper's settings (lr 1e-4, 10/20 steps, raw features, ...)")
-    a("--method", choices=["scen", "ft"], help="scen (default) or ft (fine-tune W_down in place)")
-    a("--layer", type=int, help="edited layer (default: round(--depth * number of layers))")
-    a("--depth", type=float, help="default layer as a fraction of the depth (default 0.8; paper 20/32)")
-    a("--theta", type=float, help="routing threshold (default 0.65)")
-    a("--loss", choices=["paper", "code"], help="paper: eq. 5-8; code: the official code's variant")
-    a("--m", type=float, help="weight of the negative terms in eq. 8 (default 1)")
-    a("--expert-lr", type=float, help="expert Adam lr")
-    a("--expert-steps", type=int, help="expert steps (a cap with --expert-until)")
-    a("--expert-until", type=_bool, help="true/false: stop when the edit is reproduced")
-    a("--neuron-lr", type=float, help="neuron Adam lr")
-    a("--neuron-steps", type=int, help="neuron steps (a cap with --neuron-until)")
-    a("--neuron-until", type=_bool, help="true/false: train until the neuron separates")
-    a("--pos-margin", type=float, help="own activation must exceed theta by this")
-    a("--neg-margin", type=float, help="negatives must stay below theta by this")
-    a("--features", choices=["raw", "center", "center-norm"], help="neuron input")
-    a("--pool", choices=["last", "mean"], help="feature: u at the last prompt token (paper) or mean over the prompt")
-    a("--neuron-init", choices=["random", "proto"], help="neuron init: nn.Linear default (paper) or the edit's feature")
-    a("--bias", type=_bool, help="true/false: neurons have a bias")
-    a("--unrelated-neg", type=_bool, help="true/false: unrelated prompts are negatives")
-    a("--retrain", type=_bool, help="true/false: retrain old neurons that fire on a new edit")
-    a("--seed", type=int, help="seed of the neurons' initialisation")
-    return ap
-
-
-def _bool(v: str) -> bool:
-    if v.lower() in ("1", "true", "yes", "on"):
-        return True
-    if v.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
-
-
-def query(args):
-    out = Path(args.load_edits)
-    if not (out / "scen.json").exists():
-        fail(f"{out}: no scen.json (not a folder of saved edits)")
-    st = json.loads((out / "scen.json").read_text())
-    s, meta = Settings(**st["settings"]), st["meta"]
-    model, tok = load_model(meta["ckpt"], args.device, args.dtype)
-    template = data.template_for(tok, meta["template"], meta.get("system"))
-    ed = Editor(model, s, [data.encode_prompt(tok, template, q) for q in meta["unrelated"]], meta=meta).load(out)
-    ids = data.encode_prompt(tok, template, args.prompt)
-    new = ed.generate([ids], args.max_new_tokens, eos_ids=[template.end_id(tok)], pad_id=0)[0]
-    if s.method == "scen":
-        print(f"[routed to expert {ed.router.choice[0].item() + 1}]" if ed.router.choice[0] >= 0
-              else "[no expert fired: original weights]", file=sys.stderr)
-    print(tok.decode(new, skip_special=True).strip())
-
-
-def edit_run(args, s: Settings, ckpt, edits, loc, out, template_name, unrelated_file=None, log=print, system=None):
-    """Validate everything, load, edit (resuming), evaluate; returns the figures."""
-    try:
-        records = data.load_edits(edits, args.format, n=args.n)
-        loc_pairs = [(r.prompt, r.target_new) for r in data.load_edits(loc)] if loc else None
-        unrel = [r.prompt for r in data.load_edits(unrelated_file)] if unrelated_file else UNRELATED
+    @classmethod
+    def inputs_from(cls, args, records) -> dict:
+        unrel = [r.prompt for r in data.load_edits(args.unrelated)] if args.unrelated else UNRELATED
         edit_prompts = {r.prompt for r in records}
-        unrel = [q for q in unrel if q not in edit_prompts]      # an edit's own prompt is no negative
-    except data.DataError as e:
-        fail(str(e))
-    out = Path(out) if out else None
-    if out and (out / "scen.json").exists() and not args.resume:
-        fail(f"{out} already holds edits: pass --resume to continue them, or another --out")
-    if args.resume and not (out and (out / "scen.json").exists()):
-        fail("--resume needs --out with saved edits (scen.json)")
-    try:
-        model, tok = load_model(ckpt, args.device, args.dtype)
-    except (llama.CheckpointError, FileNotFoundError) as e:
-        fail(str(e))
-    template = data.template_for(tok, template_name, system)
-    if template.end_id(tok) is None:
-        fail(f"{ckpt}: the tokenizer has no end token (EOS); the expert is trained on target + end token")
-    meta = {"ckpt": str(Path(ckpt).resolve()), "template": template.kind, "system": system, "edits": str(edits),
-            "unrelated": unrel}
-    rep = ev.Report(f"{s.method.upper()} sequential editing", {**asdict(s), **meta, "n": len(records)})
-    with rep.timer("eval unedited"):
-        rep.add("unedited", evaluate(model, tok, template, records, loc_pairs))
-    try:
-        ed = Editor(model, s, [data.encode_prompt(tok, template, q) for q in unrel], out, meta)
-    except ValueError as e:
-        fail(str(e))
-    if args.resume:
-        old = json.loads((out / "scen.json").read_text())
-        if old["settings"] != asdict(ed.s) or old["meta"]["ckpt"] != meta["ckpt"]:
-            fail(f"{out}/scen.json: settings or checkpoint differ from this run's; resume with the same ones")
-        ed.load(out)
-        for i, r in enumerate(ed.log):
-            if i >= len(records) or (r["prompt"], r["target"]) != (records[i].prompt, records[i].target_new):
-                fail(f"{out}/scen.json: log entry {i + 1} does not match record {i + 1} of {edits}")
-        log(f"resuming after {len(ed.log)} edits")
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-    with rep.timer("editing"):
-        run_edits(ed, tok, template, records, log)
-    with rep.timer("eval edited"):
-        rep.add(s.method, evaluate(model, tok, template, records, loc_pairs, prepare=ed.prepare))
-    secs = [r["seconds"] for r in ed.log]
-    rep.add(s.method, {"s/edit first": ev.metric(secs[0], "seconds, edit 1", 1),
-                       "s/edit last": ev.metric(secs[-1], f"seconds, edit {len(secs)}", 1)})
-    if out:
-        rep.write(out)
-    log("\n".join(ev.table(f, k) for k, f in rep.sections.items()))
-    return rep
+        return {"unrelated": [q for q in unrel if q not in edit_prompts]}   # an edit's own prompt is no negative
 
 
-def demo(log=print):
+# ----------------------------------------------------------------------------------------------
+# 6. Command line: the run harness of eval.py, and the demo
+
+def demo(log=ev.say):
     """`python scen.py`: the demo world's QA edits, unedited vs FT vs SCEN."""
     p = train_sft.ensure_demo(log=log)
-    args = parser().parse_args([])
+    base = ["--ckpt", str(p["ckpt"]), "--edits", str(p["edits_qa"]), "--loc", str(p["loc_qa"]), "--template", "llama2"]
     figs = {}
     for method in ("ft", "scen"):
-        with tempfile.TemporaryDirectory() as out:
-            rep = edit_run(args, replace(Settings(), method=method), p["ckpt"], p["edits_qa"], p["loc_qa"],
-                           out, "llama2", log=lambda *_: None)
-        figs.setdefault("unedited", rep.sections["unedited"])
+        rep = ev.run(Editor, base + ["--method", method] + (["--no-baseline"] if figs else []), log=lambda *_: None)
+        figs.setdefault("unedited", rep.sections.get("unedited"))
         figs[method] = rep.sections[method]
     names = [k for k in figs["scen"] if k.startswith(("Reliability", "Generality", "Locality"))]
-    log(f"demo: {len(train_sft.data.load_edits(p['edits_qa']))} sequential QA edits, tiny demo model")
+    log(f"demo: {len(data.load_edits(p['edits_qa']))} sequential QA edits, tiny demo model")
     log(f"{'':10}" + "".join(f"{k:>22}" for k in names))
     for m, f in figs.items():
         log(f"{m:10}" + "".join(f"{f[k]['value']:>22.1f}" for k in names))
@@ -633,22 +524,7 @@ def demo(log=print):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        return demo()
-    args = parser().parse_args(argv)
-    if args.load_edits:
-        if not args.prompt:
-            fail("--load-edits needs --prompt")
-        return query(args)
-    if not args.ckpt or not args.edits:
-        fail("give --ckpt and --edits (or no arguments for the demo, or --load-edits OUT --prompt ...)")
-    if args.n is not None and args.n < 1:
-        fail(f"--n must be >= 1, got {args.n}")
-    s = settings_from(args)
-    if s.theta is not None and not 0 < s.theta < 1:
-        fail(f"--theta must be in (0, 1), got {s.theta}")
-    return edit_run(args, s, args.ckpt, args.edits, args.loc, args.out, args.template, args.unrelated,
-                    system=args.system)
+    return ev.run(Editor, argv) if argv else demo()
 
 
 if __name__ == "__main__":

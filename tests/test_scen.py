@@ -4,6 +4,8 @@ import json
 import pytest
 import torch
 
+import eval as ev
+import llama
 import scen
 from conftest import tiny_checkpoint, tiny_model
 
@@ -13,8 +15,8 @@ UNREL = [[1, 5 + i, 7, 9 + i, 11] for i in range(6)]
 EDITS = [([1, 20 + i, 30 + i, 40, 41, 50 + i, 2], 5) for i in range(4)]   # prompt = 5 ids, target + EOS
 
 
-def make_editor(out=None, seed=0, **kw):
-    return scen.Editor(tiny_model(seed), scen.Settings(**{**TINY, **kw}), UNREL, out)
+def make_editor(seed=0, **kw):
+    return scen.Editor(tiny_model(seed), None, scen.Settings(**{**TINY, **kw}), unrelated=UNREL)
 
 
 def test_losses_match_their_formulas():
@@ -62,17 +64,17 @@ def test_neuron_separates_on_cached_features():
 def test_edits_route_to_their_own_expert_in_a_batch():
     ed = make_editor()
     for ids, ts in EDITS:
-        ed.edit(ids, ts)
+        ed.edit_ids(ids, ts)
     f = ed.feats(torch.stack(ed.U))
     a = scen.neuron_activations(f, ed.router.W, ed.router.b)
     assert (a.diag() > ed.s.theta).all()
     assert (a - torch.eye(len(EDITS)) * 10 < ed.s.theta).all()          # off-diagonal below theta
     prompts = [EDITS[2][0][:5], [1, 60, 61], EDITS[0][0][:5], EDITS[3][0][:5]]      # left padding
-    outs = ed.generate(prompts, 6, eos_ids=[2])
+    outs = ed.generate_ids(prompts, 6, eos_ids=[2])
     assert ed.router.choice.tolist() == [2, -1, 0, 3]
     assert outs[0] == EDITS[2][0][5:-1] and outs[2] == EDITS[0][0][5:-1] and outs[3] == EDITS[3][0][5:-1]
     for p, o in zip(prompts, outs):                                       # batch == one by one
-        assert ed.generate([p], 6, eos_ids=[2])[0] == o
+        assert ed.generate_ids([p], 6, eos_ids=[2])[0] == o
 
 
 def test_edit_becomes_greedy_answer_unrouted_logits_bit_identical():
@@ -82,8 +84,8 @@ def test_edit_becomes_greedy_answer_unrouted_logits_bit_identical():
     prompt, other = ids[:ts], [1, 70, 71, 72, 73, 74]
     before = llama_generate(ref, prompt)
     assert before != ids[ts:-1]                                            # not already the answer
-    ed.edit(ids, ts)
-    assert ed.generate([prompt], 6, eos_ids=[2])[0] == ids[ts:-1]
+    ed.edit_ids(ids, ts)
+    assert ed.generate_ids([prompt], 6, eos_ids=[2])[0] == ids[ts:-1]
     x = torch.tensor([other])
     with torch.no_grad():
         ed.prepare(x, None, torch.tensor([len(other) - 1]))
@@ -106,8 +108,8 @@ def test_ft_changes_the_shared_weight():
     ref = tiny_model(0)
     ed = make_editor(method="ft")
     ids, ts = EDITS[0]
-    ed.edit(ids, ts)
-    assert ed.generate([ids[:ts]], 6, eos_ids=[2])[0] == ids[ts:-1]
+    ed.edit_ids(ids, ts)
+    assert ed.generate_ids([ids[:ts]], 6, eos_ids=[2])[0] == ids[ts:-1]
     x = torch.tensor([[1, 70, 71, 72, 73, 74]])
     with torch.no_grad():
         assert not torch.equal(ed.model(x), ref(x))                          # no routing: everything moves
@@ -119,36 +121,74 @@ def test_cost_per_edit_is_flat_layers_below_l_run_once():
     ed.model.layers[0].register_forward_hook(lambda *a: calls.append(1))
     for ids, ts in EDITS:
         n = len(calls)
-        ed.edit(ids, ts)
+        ed.edit_ids(ids, ts)
         assert len(calls) - n == 1                      # one pass below l per edit, whatever t
 
 
 def test_save_load_and_resume_reproduce(tmp_path):
-    full = make_editor(tmp_path / "a")
+    full = make_editor()
     for ids, ts in EDITS[:3]:
-        full.edit(ids, ts)
-    part = make_editor(tmp_path / "b")
+        full.edit_ids(ids, ts)
+    full.save(tmp_path / "a")
+    part = make_editor()
     for ids, ts in EDITS[:2]:
-        part.edit(ids, ts)
-    resumed = make_editor(tmp_path / "b").load(tmp_path / "b")           # a killed run, restarted
-    resumed.edit(*EDITS[2])
-    loaded = make_editor().load(tmp_path / "a")
-    for ed in (resumed, loaded):
+        part.edit_ids(ids, ts)
+        part.save(tmp_path / "b")                                        # after every edit, as the harness does
+    resumed = scen.Editor.load(tmp_path / "b", tiny_model(0))            # a killed run, restarted
+    resumed.edit_ids(*EDITS[2])
+    resumed.save(tmp_path / "b")
+    loaded = scen.Editor.load(tmp_path / "a", tiny_model(0))
+    again = scen.Editor.load(tmp_path / "b", tiny_model(0))
+    for ed in (resumed, loaded, again):
         assert torch.equal(ed.router.W, full.router.W) and torch.equal(ed.router.b, full.router.b)
+        assert len(ed.router.experts) == 3
         assert all(torch.equal(x, y) for x, y in zip(ed.router.experts, full.router.experts))
     prompts = [ids[:ts] for ids, ts in EDITS] + [[1, 70, 71, 72]]
-    want = full.generate(prompts, 6, eos_ids=[2])
-    assert resumed.generate(prompts, 6, eos_ids=[2]) == want == loaded.generate(prompts, 6, eos_ids=[2])
+    want = full.generate_ids(prompts, 6, eos_ids=[2])
+    assert want[0] == EDITS[0][0][5:-1]
+    assert resumed.generate_ids(prompts, 6, eos_ids=[2]) == want == loaded.generate_ids(prompts, 6, eos_ids=[2])
     log = json.loads((tmp_path / "a" / "scen.json").read_text())["log"]
     assert len(log) == 3 and sorted(p.name for p in (tmp_path / "a" / "experts").iterdir())[-1] == "expert_00003.safetensors"
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_load_trusts_scen_json_over_a_newer_index(tmp_path):
+    # killed between index.safetensors and scen.json: the index holds one neuron more than the log
+    ed = make_editor()
+    for ids, ts in EDITS[:2]:
+        ed.edit_ids(ids, ts)
+    ed.save(tmp_path)
+    log_of_2 = (tmp_path / "scen.json").read_text()
+    ed.edit_ids(*EDITS[2])
+    ed.save(tmp_path)
+    (tmp_path / "scen.json").write_text(log_of_2)
+    back = scen.Editor.load(tmp_path, tiny_model(0))
+    assert back.router.W.shape[0] == 2 == len(back.router.experts) == len(back.U)
+    assert back.generate_ids([EDITS[1][0][:5]], 6, eos_ids=[2])[0] == EDITS[1][0][5:-1]
+
+
+def test_restore_gives_the_unedited_logits_bit_for_bit():
+    ref = tiny_model(0)
+    for method in ("scen", "ft"):
+        ed = make_editor(method=method)
+        x = torch.tensor([EDITS[0][0][:5], [1, 70, 71, 72, 73]])
+        for ids, ts in EDITS[:2]:
+            ed.edit_ids(ids, ts)
+        with torch.no_grad():
+            ed.prepare(x, None, torch.tensor([4, 4]))
+            assert not torch.equal(ed.model(x), ref(x))
+            ed.restore()
+            assert torch.equal(ed.model(x), ref(x)) and ed.log == []
+        ed.edit_ids(*EDITS[0])                                           # edits again after restore
+        assert ed.generate_ids([EDITS[0][0][:5]], 6, eos_ids=[2])[0] == EDITS[0][0][5:-1]
+
+
 def test_ft_save_load(tmp_path):
-    ed = make_editor(tmp_path, method="ft")
-    ed.edit(*EDITS[0])
-    back = make_editor(method="ft").load(tmp_path)
-    assert torch.equal(back.ft.weight, ed.ft.weight)
+    ed = make_editor(method="ft")
+    ed.edit_ids(*EDITS[0])
+    ed.save(tmp_path)
+    back = scen.Editor.load(tmp_path, tiny_model(0))
+    assert torch.equal(back.ft.weight, ed.ft.weight) and not torch.equal(back.ft.weight, back.base.weight)
 
 
 def test_bad_settings():
@@ -158,27 +198,27 @@ def test_bad_settings():
         make_editor(theta=1.5)
 
 
-def test_cli_bad_inputs_fail_before_work(tmp_path):
+def test_cli_bad_inputs_fail_before_the_model_is_loaded(tmp_path, monkeypatch):
+    ck = tiny_checkpoint(tmp_path / "ckpt")
+    loads = []
+    monkeypatch.setattr(llama, "load", lambda *a, **k: loads.append(a) or pytest.fail("model loaded"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "Q?", "target_new": "A"}\n{"prompt": "Q2?"}\n')
-    with pytest.raises(SystemExit, match=r"bad.jsonl:2: target_new"):
-        scen.main(["--ckpt", str(tmp_path / "nowhere"), "--edits", str(bad)])
-    with pytest.raises(SystemExit, match="no such file|not found|does not exist|cannot read"):
-        scen.main(["--ckpt", str(tmp_path / "nowhere"), "--edits", str(tmp_path / "missing.json")])
     good = tmp_path / "good.jsonl"
     good.write_text('{"prompt": "Q?", "target_new": "A"}\n')
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "scen.json").write_text("{}")
-    with pytest.raises(SystemExit, match="already holds edits"):
-        scen.main(["--ckpt", str(tmp_path / "nowhere"), "--edits", str(good), "--out", str(tmp_path / "out")])
-    with pytest.raises(SystemExit, match="--resume needs"):
-        scen.main(["--ckpt", str(tmp_path / "nowhere"), "--edits", str(good), "--resume"])
-    with pytest.raises(SystemExit, match="theta"):
-        scen.main(["--ckpt", "x", "--edits", str(good), "--theta", "2"])
-    with pytest.raises(SystemExit, match="needs --prompt"):
-        scen.main(["--load-edits", str(tmp_path)])
-    with pytest.raises(SystemExit, match="no scen.json"):
-        scen.main(["--load-edits", str(tmp_path), "--prompt", "hi"])
+    base = ["--ckpt", str(ck), "--edits", str(good)]
+    for argv, msg in [(["--ckpt", str(ck), "--edits", str(bad)], r"bad.jsonl:2: target_new"),
+                      (["--ckpt", str(ck), "--edits", str(tmp_path / "missing.json")], "not found|no such file|cannot read"),
+                      (["--ckpt", str(tmp_path / "nowhere"), "--edits", str(good)], "nowhere"),
+                      (base + ["--theta", "2"], "theta 2.0 must be in"),
+                      (base + ["--layer", "3"], "layer 3 is out of range"),
+                      (base + ["--unrelated", str(bad)], r"bad.jsonl:2"),
+                      (base + ["--loc", str(tmp_path / "missing.json")], "missing.json"),
+                      (["--load-edits", str(tmp_path)], "needs --prompt"),
+                      (["--load-edits", str(tmp_path), "--prompt", "hi"], "no run.json")]:
+        with pytest.raises(SystemExit, match=msg):
+            scen.main(argv)
+    assert loads == []
 
 
 def test_pool_mean_ignores_padding_and_target():
@@ -190,20 +230,21 @@ def test_pool_mean_ignores_padding_and_target():
 
 
 def test_cli_settings_paper_and_code_loss():
-    ap = scen.parser()
-    s = scen.settings_from(ap.parse_args(["--paper"]))
+    ap = ev.parser(scen.Editor)
+    s = ev.settings_from(scen.Editor, ap.parse_args(["--paper"]))
     assert (s.expert_lr, s.expert_steps, s.expert_until, s.neuron_lr, s.neuron_steps, s.features, s.pool,
             s.bias, s.unrelated_neg, s.retrain, s.theta) == (1e-4, 10, False, 1e-4, 20, "raw", "last",
                                                             False, False, False, 0.65)
-    s = scen.settings_from(ap.parse_args(["--paper", "--loss", "code", "--bias", "true"]))
+    s = ev.settings_from(scen.Editor, ap.parse_args(["--paper", "--loss", "code", "--bias", "true"]))
     assert s.loss == "code" and s.bias and s.expert_lr == 1e-4
-    assert scen.settings_from(ap.parse_args([])) == scen.Settings()
+    assert ev.settings_from(scen.Editor, ap.parse_args([])) == scen.Settings()
+    assert "--neuron-lr" in ap.format_help() and "neuron Adam lr" in ap.format_help()   # help from the field
 
 
 def test_default_layer_scales_with_depth():
     assert scen.default_layer(32, 20 / 32) == 20 and scen.default_layer(30, 20 / 32) == 19   # the paper's
     assert scen.default_layer(30) == 24 and scen.default_layer(6) == 4 and scen.default_layer(2) == 1
-    assert scen.Editor(tiny_model(0), scen.Settings(expert_lr=1e-2), UNREL).s.layer == 1
+    assert scen.Editor(tiny_model(0), None, scen.Settings(expert_lr=1e-2), unrelated=UNREL).s.layer == 1
 
 
 def test_cli_end_to_end_unrelated_excludes_edit_prompts_and_load_edits(tmp_path, capsys):
@@ -216,8 +257,8 @@ def test_cli_end_to_end_unrelated_excludes_edit_prompts_and_load_edits(tmp_path,
     args = ["--ckpt", str(ck), "--edits", str(tmp_path / "edits.jsonl"), "--unrelated", str(tmp_path / "unrel.jsonl"),
             "--template", "raw", "--layer", "1", "--expert-lr", "3e-2", "--expert-steps", "150", "--out", str(out)]
     scen.main(args)
-    meta = json.loads((out / "scen.json").read_text())["meta"]
-    assert meta["unrelated"] == ["What is red?", "Who is Bo?"]             # an edit's own prompt is no negative
+    saved = json.loads((out / "scen.json").read_text())
+    assert saved["unrelated"] == ["What is red?", "Who is Bo?"]             # an edit's own prompt is no negative
     res = json.loads((out / "results.json").read_text())
     assert res["results"]["scen"]["Reliability (gen)"]["value"] == 100.0 and res["results"]["unedited"]["Reliability (gen)"]["value"] == 0.0
     capsys.readouterr()
