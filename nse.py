@@ -566,8 +566,9 @@ class Editor(ev.Editor):
                 raise EditError("NSE needs a text corpus for C0: give stats_text= (--stats-text FILE, "
                                 "e.g. WikiText-2 raw)")
             t = time.perf_counter()
-            self.C0 = load_or_compute_c0(self.model, self.tokenizer, self.stats_text, self.s.layers,
-                                         self.s.stats_tokens, self.cache_dir)
+            with rewound(self.model, self.W0):                   # C0 is the unedited model's (step 5)
+                self.C0 = load_or_compute_c0(self.model, self.tokenizer, self.stats_text, self.s.layers,
+                                             self.s.stats_tokens, self.cache_dir)
             self.timer["stats"] = self.timer.get("stats", 0.0) + time.perf_counter() - t
         rows, st = [], self.state
         for i in range(0, len(records), self.s.batch_size):

@@ -57,7 +57,7 @@ def sharp_model(**kw):
 def hp_for(model, **kw):
     kw = {"layers": [0], "lam": 1.0, "alpha": 0.0, "upper_bound": 1e9, "v_lr": 0.5, "v_steps": 30,
           "loss_stop": 1e-3, **kw}
-    return nse.HParams(**kw)
+    return nse.Settings(**kw)
 
 
 # -- the algebra ---------------------------------------------------------------------------------
@@ -252,9 +252,11 @@ def test_bad_requests_fail_before_work_naming_line_and_field(tiny_ckpt, tmp_path
     assert "bad.jsonl:3" in last and message in last and "Traceback" not in p.stderr
 
 
-def test_batch_larger_than_n_is_refused(tiny_ckpt):
-    p = run_cli(tiny_ckpt, "--n", "2", "--batch-size", "3")
-    assert p.returncode != 0 and "--batch-size 3" in p.stderr and "Traceback" not in p.stderr
+def test_bad_layers_and_missing_corpus_are_refused_before_loading(tiny_ckpt):
+    p = run_cli(tiny_ckpt, "--layers", "1,0")
+    assert p.returncode != 0 and "layers [1, 0]: must be ascending" in p.stderr and "Traceback" not in p.stderr
+    p = run_cli(tiny_ckpt, "--stats-text", str(tiny_ckpt / "nowhere.txt"))
+    assert p.returncode != 0 and "nowhere.txt: file not found" in p.stderr
 
 
 def test_save_and_resume_reproduce_the_weights(tiny_ckpt, tmp_path, monkeypatch):
@@ -276,19 +278,20 @@ def test_save_and_resume_reproduce_the_weights(tiny_ckpt, tmp_path, monkeypatch)
         nse.main(args + ["--out", str(tmp_path / "part")])
     half = nse.load_file(str(tmp_path / "part" / "nse_state.safetensors"))
     assert not torch.equal(half["W.1"], full["W.1"])               # the state after batch 1 only
+    assert not (tmp_path / "part" / "model").exists()              # exported once, at the end
     monkeypatch.setattr(nse, "edit_batch", real)
-    res = nse.main(args + ["--out", str(tmp_path / "part"), "--resume"])
-    assert len(res["batches"]) == 2
+    rep = nse.main(args + ["--out", str(tmp_path / "part"), "--resume"])
+    assert "Efficacy" in rep.sections["nse"] and len(calls) == 2
     again = nse.load_file(str(tmp_path / "part" / "nse_state.safetensors"))
     for k in full:
-        assert torch.allclose(full[k], again[k], atol=1e-5), k
+        assert torch.equal(full[k], again[k]), k
     # the saved model is a loadable Hugging Face checkpoint holding the edited weights
     edited = llama.Llama.from_pretrained(tmp_path / "full" / "model")
     assert torch.equal(edited.layers[1].mlp.down_proj.weight, full["W.1"])
     assert not torch.equal(full["W.1"], full["W0.1"])
     out = json.loads((tmp_path / "full" / "results.json").read_text())
-    assert "Efficacy" in out["results"]["nse"]
-    with pytest.raises(SystemExit, match="--resume: batch_size was 2, now 1"):
+    assert "Efficacy" in out["results"]["nse"] and "Efficacy" in out["results"]["unedited"]
+    with pytest.raises(SystemExit, match="--resume: setting batch_size was 2, now 1"):
         nse.main(args[:-1] + ["1", "--out", str(tmp_path / "part"), "--resume"])
 
 
