@@ -587,7 +587,7 @@ def main(argv=None):
             model = llama.Llama(tiny_config(tok, **overrides), device=args.device)
             model.reset_parameters(std=0.02, generator=torch.Generator(device=args.device).manual_seed(args.seed))
         else:
-            model = llama.Llama.from_pretrained(args.ckpt, device=args.device, dtype=torch.float32)
+            model, _ = llama.load(args.ckpt, args.device, "float32")          # trained in float32
     except (llama.CheckpointError, FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}")
     template = data.template_for(tok, args.template, system=args.system)
