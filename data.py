@@ -360,6 +360,11 @@ def _parse_jsonl(d, path, line) -> EditRecord:
                       pairs["portability"], dict(meta))
 
 
+def check_record(rec: EditRecord, require_subject: bool = False) -> None:
+    """The checks of load_edits on a record made in code; the error names rec.meta["source"]."""
+    _check(rec, rec.meta.get("source", "record"), None, require_subject)
+
+
 def _check(rec: EditRecord, path, line, require_subject: bool) -> None:
     """Checks shared by every format (each raises DataError naming the field)."""
     if not rec.target_new.strip():
@@ -438,6 +443,25 @@ def load_edits(path, format: str | None = None, *, zsre_target: str = "answers",
     if not out:
         raise _err(path, None, None, "no records")
     return out
+
+
+def corpus_chunks(tok, text: str, n_tokens: int, chunk: int):
+    """Consecutive token chunks of the corpus (split at line ends), n_tokens in all."""
+    chunks, cur, total = [], [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        cur += tok.encode(line + "\n", bos=False)
+        while len(cur) >= chunk and total < n_tokens:
+            take = cur[:min(chunk, n_tokens - total)]
+            chunks.append(take)
+            total += len(take)
+            cur = cur[chunk:]
+        if total >= n_tokens:
+            return chunks
+    if cur and total < n_tokens:
+        chunks.append(cur[:n_tokens - total])
+    return chunks
 
 
 def atomic_write_text(path, text: str) -> None:

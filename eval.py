@@ -592,9 +592,8 @@ class Editor:
         return sum(r.get("n", 1) for r in self.log)
 
     def check(self, records) -> None:
-        for i, r in enumerate(records):
-            if not r.target_new.strip():
-                raise data.DataError(f"{r.meta.get('source', f'edit {i}')}: target_new: empty target")
+        for r in records:
+            data.check_record(r, self.needs_subject)
 
     def edit(self, records=None, *, prompts=None, target_new=None, subject=None) -> list[dict]:
         records = as_records(records, prompts=prompts, target_new=target_new, subject=subject)

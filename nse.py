@@ -70,16 +70,6 @@ class Settings:
 # ----------------------------------------------------------------------------------------------
 # Requests as token rows
 
-def check_requests(records, where="requests"):
-    """Refuse, before any work, a request NSE cannot edit (one line naming the request and field)."""
-    for i, r in enumerate(records):
-        src = r.meta.get("source", f"{where}[{i}]")
-        if not r.target_new.strip():
-            raise EditError(f"{src}: target_new: empty target")
-        if not r.subject or r.subject not in r.prompt:
-            raise EditError(f"{src}: subject: {r.subject!r} does not occur in the prompt {r.prompt!r}")
-
-
 def context_templates(model, tok, seed: int, n: int = 5, length: int = 10) -> list[str]:
     """NSE/MEMIT context prefixes: "{}" plus n short top-5 samples after "The", "Therefore", ..."""
     g = torch.Generator().manual_seed(seed)
@@ -110,48 +100,12 @@ def key_rows(tok, records, templates):
 # ----------------------------------------------------------------------------------------------
 # Step 5: C0 = E[k k^T] over a corpus, per edited layer, cached on disk
 
-def weights_fingerprints(model, layers) -> dict:
-    """{l: hash of the weights that determine layer l's keys (embeddings, blocks 0..l)}, each
-    tensor hashed once (a 7B model's first 9 blocks are 3.6 GB)."""
-    def digest(module):
-        h = hashlib.blake2b(digest_size=16)
-        for name, p in module.named_parameters():
-            h.update(name.encode())
-            h.update(p.detach().contiguous().view(torch.uint8).numpy())
-        return h.digest()
-    chain, out = [digest(model.model.embed_tokens)], {}
-    for i in range(max(layers) + 1):
-        chain.append(digest(model.layers[i]))
-        if i in layers:
-            out[i] = hashlib.blake2b(b"".join(chain), digest_size=16).hexdigest()
-    return out
-
-
-def corpus_chunks(tok, text: str, n_tokens: int, chunk: int):
-    """Consecutive token chunks of the corpus (split at line ends), n_tokens in all."""
-    chunks, cur, total = [], [], 0
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        cur += tok.encode(line + "\n", bos=False)
-        while len(cur) >= chunk and total < n_tokens:
-            take = cur[:min(chunk, n_tokens - total)]
-            chunks.append(take)
-            total += len(take)
-            cur = cur[chunk:]
-        if total >= n_tokens:
-            return chunks
-    if cur and total < n_tokens:
-        chunks.append(cur[:n_tokens - total])
-    return chunks
-
-
 @torch.no_grad()
 def key_second_moment(model, tok, text: str, layers, n_tokens: int, chunk: int = 512, batch: int = 4):
     """C0[l] = (1/N) sum_t k_t k_t^T over every token of the corpus (step 5; MEMIT Eq. 'C0 = K0 K0^T')."""
     F_ = model.config.intermediate_size
     acc = {l: torch.zeros(F_, F_) for l in layers}              # float32: 7B needs 485 MB per layer
-    seqs = corpus_chunks(tok, text, n_tokens, chunk)
+    seqs = data.corpus_chunks(tok, text, n_tokens, chunk)
     n = 0
     for b in range(0, len(seqs), batch):
         ids, mask = llama.pad_batch(seqs[b:b + batch], side="right")
@@ -192,7 +146,7 @@ def load_or_compute_c0(model, tok, text_path, layers, n_tokens, cache_dir, chunk
     text = Path(text_path).read_text(encoding="utf-8")
     corpus = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
     paths, missing = {}, []
-    fingerprints = weights_fingerprints(model, layers)
+    fingerprints = llama.layer_fingerprints(model, layers)
     for l in layers:
         key = dict(weights=fingerprints[l], layer=l, corpus=corpus, n_tokens=n_tokens, chunk=chunk)
         name = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=12).hexdigest()
@@ -555,10 +509,6 @@ class Editor(ev.Editor):
     def unit(self) -> int:
         return self.s.batch_size
 
-    def check(self, records):
-        super().check(records)
-        check_requests(records)
-
     def apply(self, records) -> list[dict]:
         """Batches of batch_size requests in sequence (steps 1-4 each)."""
         if self.C0 is None:
@@ -652,7 +602,6 @@ class Editor(ev.Editor):
             raise EditError("NSE computes C0 from a text corpus: pass --stats-text FILE (e.g. WikiText-2 raw text)")
         if not Path(args.stats_text).is_file():
             raise EditError(f"--stats-text {args.stats_text}: file not found")
-        check_requests(records)
         return {"stats_text": Path(args.stats_text), "cache_dir": args.cache_dir}
 
 
