@@ -295,9 +295,27 @@ def test_save_and_resume_reproduce_the_weights(tiny_ckpt, tmp_path, monkeypatch)
         nse.main(args[:-1] + ["1", "--out", str(tmp_path / "part"), "--resume"])
 
 
-def test_z_with_bf16_weights_is_checkpointed_and_matches_fp32():
-    """bf16 weights, fp32 compute: the blocks above l0 are recomputed in backward (no widened weight
-    kept per block), and z equals the fp32 model's with the same (bf16-rounded) weights."""
+def _widened_weights_saved_for_backward(model, fn):
+    """How many tensors autograd keeps for backward during fn() that are a float32 copy of one of
+    the model's bfloat16 weight matrices."""
+    narrow = [w for w in model.parameters() if w.dtype == torch.bfloat16 and w.dim() == 2]
+    found = []
+
+    def pack(t):
+        if t.dtype == torch.float32 and t.dim() == 2 and any(
+                (t.shape == w.shape and torch.equal(t, w.float())) or
+                (t.shape == w.T.shape and torch.equal(t, w.float().T)) for w in narrow):
+            found.append(t.shape)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return len(found), out
+
+
+def test_z_with_bf16_weights_keeps_no_widened_weight_and_matches_fp32(monkeypatch):
+    """bf16 weights, fp32 compute: autograd keeps the narrow weights, not float32 copies of them
+    (llama._WidenOnTheFly re-widens in backward), and z equals the fp32 model's with the same
+    (bf16-rounded) weights."""
     model = sharp_model(num_hidden_layers=4)
     narrow = llama.Llama(model.config).to(torch.bfloat16)
     narrow.load_state_dict(model.state_dict())
@@ -306,6 +324,12 @@ def test_z_with_bf16_weights_is_checkpointed_and_matches_fp32():
     narrow.compute_dtype = torch.float32
     recs = [rec("Home of Bob", "Bob", "Q"), rec("Dog Rex", "Dog Rex", "Z")]
     hp = hp_for(model, layers=[0], v_steps=5, kl_factor=0.0625)
-    z_narrow, _, log_n = nse.compute_z(narrow.requires_grad_(False), TOK, recs, TEMPLATES, hp)
-    z_wide, _, log_w = nse.compute_z(wide.requires_grad_(False), TOK, recs, TEMPLATES, hp)
+    run = lambda m: nse.compute_z(m.requires_grad_(False), TOK, recs, TEMPLATES, hp)
+    kept, (z_narrow, _, log_n) = _widened_weights_saved_for_backward(narrow, lambda: run(narrow))
+    assert kept == 0
+    z_wide, _, log_w = run(wide)
     assert torch.allclose(z_narrow, z_wide, atol=1e-4) and log_n["steps"] == log_w["steps"]
+    # the check can fail: a plain widen-then-matmul keeps a float32 copy of every weight it touches
+    monkeypatch.setattr(llama._WidenOnTheFly, "apply", lambda x, w: torch.nn.functional.linear(x, w.to(x.dtype)))
+    kept, _ = _widened_weights_saved_for_backward(narrow, lambda: run(narrow))
+    assert kept > 0
