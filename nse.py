@@ -542,8 +542,9 @@ class Editor(ev.Editor):
     def report_notes(self) -> list[str]:
         left = sum(len(b["left_above_upper"]) for b in self.log)
         total = sum(self.timer.values()) or 1.0
+        derived = {k: round(v, 1) for k, v in self.derived.items()}
         return [f"lam {self.s.lam:.1f}, alpha {self.s.alpha:.1f}, upper_bound {self.s.upper_bound:.1f}"
-                + (f" (derived: {json.dumps({k: round(v, 1) for k, v in self.derived.items()})})" if self.derived else ""),
+                + (f" (derived: {json.dumps(derived)})" if derived else ""),
                 f"requests left above upper_bound (never edited): {left}",
                 "time shares: " + ", ".join(f"{k} {v / total:.3f}" for k, v in self.timer.items())]
 
@@ -571,7 +572,8 @@ class Editor(ev.Editor):
             meta = json.loads(f.metadata()["state"])
         t, ed = load_file(str(path)), cls.__new__(cls)
         ev.Editor.__init__(ed, model, tokenizer, data.Template(*meta["template"]))
-        ed.given, ed.s, ed.contexts, ed.derived = Settings(**meta["given"]), Settings(**meta["settings"]), meta["contexts"], meta["derived"]
+        ed.given, ed.s = Settings(**meta["given"]), Settings(**meta["settings"])
+        ed.contexts, ed.derived = meta["contexts"], meta["derived"]
         ed.stats_text, ed.cache_dir, ed.C0, ed.timer = meta["stats_text"], meta["cache_dir"], None, {}
         ed.W0 = {l: t[f"W0.{l}"].to(model.device) for l in ed.s.layers}
         model.requires_grad_(False)
@@ -580,7 +582,8 @@ class Editor(ev.Editor):
                 raise EditError(f"{path}: layer {l}'s down projection is not the one these edits started "
                                 f"from: load them on the unedited checkpoint")
             w.data.copy_(t[f"W.{l}"])
-        ed.state = EditState(ed.W0, {l: t[f"Cp.{l}"] for l in ed.s.layers if f"Cp.{l}" in t}, meta["n_done"], meta["log"])
+        Cp = {l: t[f"Cp.{l}"] for l in ed.s.layers if f"Cp.{l}" in t}
+        ed.state = EditState(ed.W0, Cp, meta["n_done"], meta["log"])
         ed.log = ed.state.log
         return ed
 

@@ -50,36 +50,30 @@ from eval import setting
 class Settings:
     method: str = setting("scen", "scen, or ft (fine-tune W_down of layer l in place)", choices=("scen", "ft"))
     layer: int | None = setting(None, "edited layer (default: round(depth * number of layers))")
-    depth: float = setting(0.8, "default layer as a fraction of the depth (paper: 20/32; 0.8 measured "
-                                "better on SmolLM2)")
+    depth: float = setting(0.8, "default layer's depth fraction (paper: 20/32; 0.8 measured better on SmolLM2)")
     theta: float = setting(0.65, "routing threshold (eq. 11)")
     expert_lr: float = setting(1e-3, "expert Adam lr (paper/code: 1e-4)")
     expert_steps: int = setting(60, "expert steps (paper: exactly 10); a cap with expert_until")
-    expert_until: bool = setting(True, "true/false: stop when the edit is reproduced (every target "
-                                       "token argmax, mean NLL below expert_nll)")
-    expert_nll: float = setting(0.1, "expert_until's NLL bound")
+    expert_until: bool = setting(True, "true/false: stop when every target token is argmax and NLL < expert_nll")
+    expert_nll: float = setting(0.1, "expert_until's mean NLL bound")
     loss: str = setting("paper", "paper: eq. 5-8; code: the official code's variant", choices=("paper", "code"))
     alpha: float = setting(0.7, "eq. 6's alpha")
     beta: float = setting(0.3, "eq. 7's beta")
     m: float = setting(1.0, "weight of the negative terms in eq. 8")
-    neuron_lr: float = setting(3e-2, "neuron Adam lr (paper/code: 1e-4; 1e-2 -> 3e-2: 36 -> 21 of 200 "
-                                     "neurons at the step cap)")
-    neuron_steps: int = setting(1500, "neuron steps (paper: exactly 20); a cap with neuron_until (400 -> "
-                                      "1500: Rel/Gen/Loc 98.0/92.5/90.6 -> 98.5/94.0/95.3 after 200 edits)")
-    neuron_until: bool = setting(True, "true/false: train until separated: own a > theta + pos_margin, "
-                                       "negatives < theta - neg_margin")
+    neuron_lr: float = setting(3e-2, "neuron Adam lr (paper/code: 1e-4; 1e-2 -> 3e-2: Rel 98.5 -> 100 at 200 edits)")
+    neuron_steps: int = setting(1500, "neuron steps (paper: exactly 20); a cap with neuron_until (400 -> 1500: "
+                                      "Loc 90.6 -> 95.3 at 200 edits)")
+    neuron_until: bool = setting(True, "true/false: train until own a > theta+pos_margin, negatives < theta-neg_margin")
     pos_margin: float = setting(0.2, "own activation must exceed theta by this")
     neg_margin: float = setting(0.3, "negatives must stay below theta by this")
-    features: str = setting("center-norm", "neuron input: raw u (paper), u - mean unrelated u, or that "
-                            "normalised", choices=("raw", "center", "center-norm"))
-    neuron_init: str = setting("random", "nn.Linear's default init (paper), or proto: w = c f(u_t)",
+    features: str = setting("center-norm", "neuron input f(u): raw (paper), u - mean unrelated u, or that normalised",
+                            choices=("raw", "center", "center-norm"))
+    neuron_init: str = setting("random", "nn.Linear's init (paper), or proto: w = c f(u_t)",
                                choices=("random", "proto"))
-    pool: str = setting("mean", "feature: u at the last prompt token (paper) or the mean over the prompt",
-                        choices=("last", "mean"))
+    pool: str = setting("mean", "u at the last prompt token (paper) or mean over the prompt", choices=("last", "mean"))
     bias: bool = setting(True, "true/false: the neuron gets a bias (paper: none)")
-    unrelated_neg: bool = setting(True, "true/false: unrelated prompts are negatives too (paper: "
-                                        "previous edits only)")
-    retrain: bool = setting(True, "true/false: an old neuron that fires on a new edit is retrained against it")
+    unrelated_neg: bool = setting(True, "true/false: unrelated prompts are negatives (paper: earlier edits only)")
+    retrain: bool = setting(True, "true/false: retrain an old neuron that fires on a new edit")
     seed: int = setting(0, "seed of the neurons' initialisation")
 
 
@@ -330,7 +324,9 @@ class Editor(ev.Editor):
     def __init__(self, model, tokenizer=None, settings: Settings | None = None, template="auto", unrelated=None):
         super().__init__(model, tokenizer, template)
         s = settings or Settings()
-        self.s = s = s if s.layer is not None else replace(s, layer=default_layer(model.config.num_hidden_layers, s.depth))
+        if s.layer is None:
+            s = replace(s, layer=default_layer(model.config.num_hidden_layers, s.depth))
+        self.s = s
         self.check_settings(s, model.config, 0)
         model.requires_grad_(False)
         self.base = model.layers[s.layer].mlp.down_proj
