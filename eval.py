@@ -738,7 +738,7 @@ def run(method, argv=None, log=say) -> "Report | None":
         if args.load_edits:
             return query(method, args, log)
         return _edit_run(method, args, log)
-    except (RunError, data.DataError, llama.CheckpointError, ValueError) as e:
+    except (RunError, data.DataError, llama.CheckpointError) as e:         # found before any work
         raise SystemExit(f"error: {e}")
 
 
@@ -779,12 +779,17 @@ def _edit_run(method, args, log):
             "edits": str(Path(args.edits).resolve()), "records": records_digest(records), "n": len(records),
             "loc": records_digest(loc) if loc else None, "template": tname, "system": args.system,
             "inputs": {k: _key(v) for k, v in inputs.items()}}
+    tok = llama.load_tokenizer(args.ckpt)
+    try:
+        template = data.template_for(tok, tname, args.system)
+        template.prompt_text(tok, "?")                  # a chat template the tokenizer does not have
+    except ValueError as e:
+        raise RunError(f"--template {tname}: {e}")
+    if task == "qa" and template.kind != "raw" and template.end_id(tok) is None:
+        raise RunError(f"{args.ckpt}: the tokenizer has no end token (EOS) to end an answer")
     old = _check_out(out, args.resume, info)
     # 2. load, the editor (a resumed one from --out), the unedited figures
     model, tok = llama.load(args.ckpt, args.device, args.dtype)
-    template = data.template_for(tok, tname, args.system)
-    if task == "qa" and template.kind != "raw" and template.end_id(tok) is None:
-        raise RunError(f"{args.ckpt}: the tokenizer has no end token (EOS) to end an answer")
     rep = Report(f"{method.name} sequential editing, {len(records)} records of {Path(args.edits).name}",
                  {**info, "device": args.device, "dtype": str(model.dtype), "threads": torch.get_num_threads()})
     if old is not None and method.saved(out):
@@ -846,6 +851,8 @@ def _check_out(out, resume: bool, info: dict):
             raise RunError(f"{out} is not empty and holds no run: give an empty or new folder")
         return None
     old = json.loads((out / "run.json").read_text())
+    for tmp in out.rglob(".*.tmp"):                     # a write that a kill interrupted
+        tmp.unlink()
     for k, v in info.items():
         if k == "settings":
             for s, sv in v.items():

@@ -39,7 +39,7 @@ import llama
 from eval import setting
 
 
-class EditError(ValueError):
+class EditError(ev.RunError):
     """A request or setting that cannot be edited; the message names the request and field."""
 
 

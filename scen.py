@@ -339,9 +339,9 @@ class Editor(ev.Editor):
     def check_settings(cls, s, config, n_records=0):
         L = config.num_hidden_layers
         if s.layer is not None and not 0 <= s.layer < L:
-            raise ValueError(f"layer {s.layer} is out of range: the model has layers 0..{L - 1}")
+            raise ev.RunError(f"layer {s.layer} is out of range: the model has layers 0..{L - 1}")
         if not 0 < s.theta < 1:
-            raise ValueError(f"theta {s.theta} must be in (0, 1)")
+            raise ev.RunError(f"theta {s.theta} must be in (0, 1)")
 
     def restore(self):
         """The original down projection back in the model (its logits are the unedited model's, bit
@@ -361,7 +361,7 @@ class Editor(ev.Editor):
     def check(self, records):
         super().check(records)
         if self.template.end_id(self.tokenizer) is None:
-            raise ValueError("the tokenizer has no end token (EOS): the expert learns target + end token")
+            raise ev.RunError("the tokenizer has no end token (EOS): the expert learns target + end token")
 
     def apply(self, records) -> list[dict]:
         """One edit per record: prompt + target + end token, as generation would produce them."""

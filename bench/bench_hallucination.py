@@ -2,8 +2,8 @@
 
 Sentence-long edits: the first --n records of ../shared/data/hallucination/hallucination-edit.json
 (a WikiBio passage as the prompt, a corrected sentence as the target), edited one after another
-with the same two stages as the QA edits (scen.Editor; the FT baseline fine-tunes the same down
-projection in place). Perplexity (eval.evaluate_perplexity: per-sample exp(mean NLL of the text
+with the same two stages as the QA edits (scen.Editor.edit, which encodes prompt + " " + sentence
++ EOS; the FT baseline fine-tunes the same down projection in place). Perplexity (eval.evaluate_perplexity: per-sample exp(mean NLL of the text
 given its prompt, prompt masked), averaged over samples, as SCEN/GRACE report it) on three sets:
 
   WikiBio-E  the edited sentences given their passages           (should fall: the edit took)
@@ -59,8 +59,8 @@ def owt_pair(text: str, chars: int) -> tuple[str, str]:
     return (text[:cut], text[cut:]) if cut > 0 else (text, "")
 
 
-def perplexities(model, tok, tpl, sets, prepare, batch_size, max_len) -> dict:
-    em = ev.LlamaEvalModel(model, tok, tpl, prepare=prepare)
+def perplexities(em, tok, tpl, sets, batch_size, max_len) -> dict:
+    """Perplexity of every set, by the eval model em (the unedited model, or an editor's eval_model())."""
     out = {}
     for name, pairs in sets.items():
         r = ev.evaluate_perplexity(em, tok, pairs, template=tpl, batch_size=batch_size, max_len=max_len, name=name)
@@ -113,8 +113,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     edits, acc, sets, unrel = load_task(a.shared, a.n, a.n_acc, a.n_owt, a.owt_prompt_chars)
-    model = llama.Llama.from_pretrained(a.ckpt)
-    tok = llama.load_tokenizer(a.ckpt)
+    model, tok = llama.load(a.ckpt)
     tpl = data.Template("raw")
     res = {"args": vars(a), "template": "raw", "n_edits": len(edits), "sizes": {k: len(v) for k, v in sets.items()},
            "n_unrelated": len(unrel), "loadavg_start": os.getloadavg()}
@@ -128,23 +127,22 @@ def main(argv=None):
     stages = a.stages.split(",")
     if "unedited" in stages:
         t = time.perf_counter()
-        res["unedited"] = perplexities(model, tok, tpl, sets, None, a.batch_size, a.max_len)
+        res["unedited"] = perplexities(ev.LlamaEvalModel(model, tok, tpl), tok, tpl, sets, a.batch_size, a.max_len)
         res["unedited"]["eval_s"] = round(time.perf_counter() - t, 1)
         print("unedited", res["unedited"], flush=True)
         save()
-    unrel_ids = [data.encode_prompt(tok, tpl, p) for p in unrel]
-    enc = [scen.encode(tok, tpl, r) for r in edits]
     for method in [m for m in ("scen", "ft") if m in stages]:
-        ed = scen.Editor(model, scen.Settings(method=method), unrel_ids)
+        ed = scen.Editor(model, tok, scen.Settings(method=method), template=tpl, unrelated=unrel)
         t0, secs = time.perf_counter(), []
-        for i, (ids, ts) in enumerate(enc):
-            secs.append(ed.edit(ids, ts, {"prompt": edits[i].prompt})["seconds"])
-            if (i + 1) % 20 == 0 or i + 1 == len(enc):
-                el = time.perf_counter() - t0
-                print(f"  {method} edit {i + 1}/{len(enc)}  {secs[-1]:.2f} s  elapsed {el:.0f} s  "
-                      f"ETA {el / (i + 1) * (len(enc) - i - 1):.0f} s", flush=True)
+        for i in range(0, len(edits), 20):           # in sequence; a progress line every 20 edits
+            chunk = edits[i:i + 20]
+            rows = ed.edit(prompts=[e.prompt for e in chunk], target_new=[e.target_new for e in chunk])
+            secs += [row["seconds"] for row in rows]
+            el, done = time.perf_counter() - t0, len(secs)
+            print(f"  {method} edit {done}/{len(edits)}  {secs[-1]:.2f} s  elapsed {el:.0f} s  "
+                  f"ETA {el / done * (len(edits) - done):.0f} s", flush=True)
         t = time.perf_counter()
-        r = perplexities(model, tok, tpl, sets, ed.prepare, a.batch_size, a.max_len)
+        r = perplexities(ed.eval_model(), tok, tpl, sets, a.batch_size, a.max_len)
         r["eval_s"] = round(time.perf_counter() - t, 1)
         r.update(edit_s_mean=round(sum(secs) / len(secs), 2), edit_s_first=round(secs[0], 2), edit_s_last=round(secs[-1], 2),
                  expert_steps_mean=round(sum(x["expert_steps"] for x in ed.log) / len(ed.log), 1),
@@ -155,7 +153,7 @@ def main(argv=None):
                                           for k, v in sets.items() if k != "WikiBio-E"}
         res[method] = r
         print(method, r, flush=True)
-        model.layers[ed.s.layer].mlp.down_proj = ed.base          # back to the unedited model
+        ed.restore()                                              # back to the unedited model
         save()
     if "unedited" in res:
         base = res["unedited"]

@@ -19,6 +19,8 @@ far), Fluency, seconds per edit (editing only: z + keys + solves + Cp; C0 and ev
 the time shares, requests left above upper_bound. The reference runs on the first --ref-n edits in
 one batch; "zcpu" compares the z optimisation on identical inputs in process CPU seconds, which a
 busy shared machine distorts far less than wall time.
+The nse / memit workers and the scale run edit with nse.Editor (one ed.edit call per batch); the
+unedited, zcpu and scale runs call nse.py's step functions where they time or measure a step alone.
 """
 import argparse
 import json
@@ -78,8 +80,7 @@ def scale(args, records, log):
     peak = {}                                    # high-water mark of RSS after each phase
     mark = lambda phase: peak.__setitem__(phase, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     t0 = time.perf_counter()
-    model = llama.Llama.from_pretrained(args.scale_ckpt, dtype=torch.bfloat16, compute_dtype=torch.float32)
-    tok = nse.load_tokenizer(args.scale_ckpt)
+    model, tok = llama.load(args.scale_ckpt, dtype="bfloat16")          # on the CPU: fp32 compute
     t_load = time.perf_counter() - t0
     mark("load")
     layers = ([int(x) for x in args.scale_layers.split(",")] if args.scale_layers
@@ -90,21 +91,24 @@ def scale(args, records, log):
     n_tok = args.stats_tokens                     # C0 is read from the cache per layer when used
     t_c0 = time.perf_counter() - t
     mark("c0")
-    d = nse.derive_scale_defaults(model, tok, records, templates, layers, C0)
-    mark("derive_defaults")
-    hp = nse.HParams(layers, lam=d["lam"], alpha=args.scale_alpha or d["alpha"], upper_bound=d["upper_bound"], v_steps=args.v_steps,
-                     max_iterations=args.max_iterations)
-    state = nse.EditState.fresh(model, layers)
-    timer = {}
+    d = nse.derive_scale_defaults(model, tok, records, templates, layers, C0)   # what the editor would
+    mark("derive_defaults")                                                   # derive: a phase of its own
+    hp = nse.Settings(layers=layers, lam=d["lam"], alpha=args.scale_alpha or d["alpha"], upper_bound=d["upper_bound"],
+                      v_steps=args.v_steps, max_iterations=args.max_iterations, batch_size=len(records),
+                      stats_tokens=args.stats_tokens, seed=args.seed)
+    ed = nse.Editor(model, tok, hp, stats_text=args.stats_text, cache_dir=args.cache_dir)
+    ed.contexts, ed.C0 = templates, C0          # this run's context prefixes, and the C0 computed above
     t = time.perf_counter()
-    blog = nse.edit_batch(model, tok, records, templates, hp, state, C0, timer)
+    blog = ed.edit(records)[0]                  # one batch: all the records
     t_edit = time.perf_counter() - t
+    timer = {k: v for k, v in ed.timer.items() if k != "stats"}
+    state = ed.state
     mark("edit")
     nbytes = lambda ts: sum(x.numel() * x.element_size() for x in ts.values())
     res = {"ckpt": args.scale_ckpt, "layers": layers, "edits": len(records), "contexts": templates,
            "stats_tokens": n_tok, "v_steps": args.v_steps, "max_iterations": args.max_iterations, "hparams_derived": d, "seconds_load": t_load,
            "seconds_c0": t_c0, "seconds_edit": t_edit, "seconds_parts": timer,
-           "alpha_used": hp.alpha, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "alpha_used": ed.s.alpha, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
            "peak_rss_bytes_after": peak,
            "c0_bytes": sum(nbytes({l: C0[l]}) for l in layers), "c0_held_in_memory": dict.__len__(C0) > 0,
            "cp_bytes": nbytes(state.Cp), "w0_bytes": nbytes(state.W0), "batch": blog,
@@ -132,9 +136,9 @@ def zcpu(args, records, log):
     c0, w0 = time.process_time(), time.perf_counter()
     ref_steps = [ref.compute_z(R, q, hp_ref, ctx, hp_ref.layers[-1])[1]["steps"] for q in reqs]
     ref_cpu, ref_wall = time.process_time() - c0, time.perf_counter() - w0
-    model = llama.Llama.from_pretrained(args.ckpt, dtype=torch.float32).requires_grad_(False)
-    tok = nse.load_tokenizer(args.ckpt)
-    hp = nse.HParams([int(x) for x in args.layers.split(",")], v_steps=args.v_steps)
+    model, tok = llama.load(args.ckpt)
+    model.requires_grad_(False)
+    hp = nse.Settings(layers=[int(x) for x in args.layers.split(",")], v_steps=args.v_steps)
     c0, w0 = time.process_time(), time.perf_counter()
     _, _, zlog = nse.compute_z(model, tok, records, ctx, hp)
     our_cpu, our_wall = time.process_time() - c0, time.perf_counter() - w0
@@ -228,18 +232,17 @@ def main():
         return scale(args, records, log)
     if args.method == "zcpu":
         return zcpu(args, records, log)
-    model = llama.Llama.from_pretrained(args.ckpt, dtype=torch.float32)
-    tok = nse.load_tokenizer(args.ckpt)
+    model, tok = llama.load(args.ckpt)
     layers = [int(x) for x in args.layers.split(",")]
-    templates = nse.context_templates(model, tok, args.seed)
-    t = time.perf_counter()
-    C0 = nse.load_or_compute_c0(model, tok, args.stats_text, layers, args.stats_tokens, args.cache_dir, log=log)
-    res = {"args": vars(args), "templates": templates, "c0_seconds": time.perf_counter() - t, "rows": {}}
     out = res_dir / f"nse_smollm2_{args.method}{args.tag or '_n' + str(len(records))}.json"
     save = lambda: data.atomic_write_text(out, json.dumps(res, indent=1, default=str) + "\n")
     fl = not args.no_fluency
     eval_at = [int(x) for x in args.eval_at.split(",") if int(x) <= len(records)]
     if args.method == "unedited":
+        templates = nse.context_templates(model, tok, args.seed)
+        t = time.perf_counter()
+        C0 = nse.load_or_compute_c0(model, tok, args.stats_text, layers, args.stats_tokens, args.cache_dir, log=log)
+        res = {"args": vars(args), "templates": templates, "c0_seconds": time.perf_counter() - t, "rows": {}}
         res["derived_defaults"] = nse.derive_scale_defaults(model, tok, records[:args.batch_size], templates, layers, C0)
         log(f"derived defaults: {res['derived_defaults']}")
         for k in eval_at:
@@ -249,22 +252,24 @@ def main():
             log(f"unedited first {k}: {res['rows'][f'unedited, first {k}']}")
             save()
         return
-    hp = nse.HParams(layers, lam=args.lam, alpha=args.alpha, upper_bound=args.upper_bound, method=args.method,
-                     v_steps=args.v_steps)
-    state = nse.EditState.fresh(model, layers)
-    timer, batches = {}, []
+    # nse / memit: the editor (its context templates from --seed; C0 from --stats-text, cached in
+    # --cache-dir, read on the first batch), fed one batch at a time so that the edits so far are
+    # evaluated after the batches named by --eval-at. lambda / alpha / upper_bound are given: nothing
+    # is derived. max_iterations stays nse.Settings' 3 (--max-iterations is the scale run's).
+    hp = nse.Settings(method=args.method, layers=layers, batch_size=args.batch_size, lam=args.lam, alpha=args.alpha,
+                      upper_bound=args.upper_bound, v_steps=args.v_steps, stats_tokens=args.stats_tokens,
+                      seed=args.seed)
+    ed = nse.Editor(model, tok, hp, stats_text=args.stats_text, cache_dir=args.cache_dir)
+    res = {"args": vars(args), "templates": ed.contexts, "c0_seconds": None, "rows": {}}
+    batches = ed.log                            # one row per batch: passes, z_steps, final_r, left_above_upper, ...
     for b in range(0, len(records), args.batch_size):
-        t = time.perf_counter()
-        batch = records[b:b + args.batch_size]
-        blog = nse.edit_batch(model, tok, batch, templates, hp, state, C0, timer)
-        blog["seconds"] = time.perf_counter() - t
-        blog["left_above_upper"] = [b + i for i in blog["left_above_upper"]]
-        batches.append(blog)
-        done = b + len(batch)
+        blog = ed.edit(records[b:b + args.batch_size])[0]
+        res["c0_seconds"] = ed.timer.get("stats")                        # C0: read or computed, first batch
+        timer = {k: v for k, v in ed.timer.items() if k != "stats"}      # editing only: z, keys, solve, cp
+        done = blog["n_done"]
         log(f"{args.method} batch {len(batches)}: {done} edits, {blog['seconds']:.1f} s, mean z steps "
-            f"{sum(blog['z_steps']) / len(blog['z_steps']):.1f}, passes "
-            + ", ".join(f"[r {p['r_mean']:.1f} edited {p['edited']} above {p['above_upper']}]" for p in blog["passes"]))
-        res["batches"], res["seconds"] = batches, dict(timer)
+            f"{sum(blog['z_steps']) / len(blog['z_steps']):.1f}, passes " + blog["note"])
+        res["batches"], res["seconds"] = batches, timer
         if done in eval_at:
             total = sum(timer.values())
             t = time.perf_counter()

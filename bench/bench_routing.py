@@ -62,16 +62,18 @@ def load_task(a, tok):
                 "OWT": [(p, -1) for p, _ in pairs["OWT"]]}
     edit_prompts = {r.prompt for r in recs}
     unrel = [p for p in unrel if p not in edit_prompts][:a.n_unrelated]
-    return tpl, [scen.encode(tok, tpl, r) for r in recs], [r.target_new.strip().lower() for r in recs], sets, unrel
+    # prompt + target + end token, as scen.Editor.edit encodes an edit (here given to edit_ids)
+    enc = [data.encode_prompt_target(tok, tpl, r.prompt, r.target_new, add_eos=True) for r in recs]
+    return tpl, enc, [r.target_new.strip().lower() for r in recs], sets, unrel
 
 
 def run_variant(model, tok, tpl, enc, targets, sets, unrel_ids, s: scen.Settings, feat_cache: dict):
     """Stage 2 over all edits (no experts), then the routing of every query set."""
-    ed = scen.Editor(model, s, unrel_ids)
+    ed = scen.Editor(model, tok, s, template=tpl, unrelated=unrel_ids)
     key = (ed.s.layer, ed.s.pool)
     t0 = time.perf_counter()
-    for ids, ts in enc:            # stage 2 alone: the base weight stands in for the expert (never run)
-        ed.edit(ids, ts, expert=ed.base.weight)
+    for e in enc:                  # stage 2 alone: the base weight stands in for the expert (never run)
+        ed.edit_ids(e.ids, e.target_start, expert=ed.base.weight)
     stage2_s = time.perf_counter() - t0
     row = {"own_at_edit_%": 100.0 * sum(r["routed_to"] == t for t, r in enumerate(ed.log)) / len(enc),
            "neuron_steps_mean": sum(r["neuron_steps"] for r in ed.log) / len(enc),
@@ -96,7 +98,7 @@ def run_variant(model, tok, tpl, enc, targets, sets, unrel_ids, s: scen.Settings
                                          for g, w in zip(got, want) if g != w]
         else:
             row[f"{name}_routed_%"] = round(100.0 * (got >= 0).float().mean().item(), 2)
-    model.layers[ed.s.layer].mlp.down_proj = ed.base
+    ed.restore()                   # the unedited model for the next variant
     return row
 
 
@@ -116,7 +118,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     variants = json.loads(a.variants)
-    model, tok = llama.Llama.from_pretrained(a.ckpt), llama.load_tokenizer(a.ckpt)
+    model, tok = llama.load(a.ckpt)
     tpl, enc, targets, sets, unrel = load_task(a, tok)
     unrel_ids = [data.encode_prompt(tok, tpl, p) for p in unrel]
     out = Path(a.out) if a.out else None

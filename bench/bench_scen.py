@@ -19,6 +19,8 @@ what it measured): unedited, scen, ft, ablation, ref, latency.
   selection of edits and ChatML template), on --ref-n edits (its stage 2 grows with t).
 - latency: the saved edits of a scen.py run (--edits-dir) loaded, each query timed with and without
   the experts in alternation (robust to a machine whose load changes during the run).
+Every variant is a scen.Editor on the one loaded model (token level, edit_ids: the ablation hands
+it stage-1 experts trained by an earlier variant); ed.restore() gives the unedited model back.
 """
 from __future__ import annotations
 
@@ -103,8 +105,7 @@ def atomic_json(path: Path, obj):
 class Bench:
     def __init__(self, a):
         self.a = a
-        self.model = llama.Llama.from_pretrained(a.ckpt)
-        self.tok = llama.load_tokenizer(a.ckpt)
+        self.model, self.tok = llama.load(a.ckpt)
         self.tpl = data.template_for(self.tok, a.template, a.system)
         self.records = data.load_edits(a.edits, n=a.n)
         if not a.portability:
@@ -113,9 +114,11 @@ class Bench:
         self.loc = [(r.prompt, r.target_new) for r in data.load_edits(a.loc, n=a.n_loc)] if a.loc else None
         edit_prompts = {r.prompt for r in self.records}
         unrel = [r.prompt for r in data.load_edits(a.unrelated)] if a.unrelated else scen.UNRELATED
-        self.unrel = [p for p in unrel if p not in edit_prompts][:a.n_unrelated]
-        self.unrel_ids = [data.encode_prompt(self.tok, self.tpl, p) for p in self.unrel]
-        self.enc = [scen.encode(self.tok, self.tpl, r) for r in self.records]
+        self.unrel = [p for p in unrel if p not in edit_prompts][:a.n_unrelated]   # the editor encodes them
+        # prompt + target + end token of every edit, as scen.Editor.edit encodes them (token level:
+        # run() calls edit_ids, which also takes an expert trained by an earlier variant)
+        self.enc = [data.encode_prompt_target(self.tok, self.tpl, r.prompt, r.target_new, add_eos=True)
+                    for r in self.records]
         self.expert_cache: dict = {}
         self.res = {"args": vars(a), "template": self.tpl.kind, "n_edits": len(self.records),
                     "n_loc": len(self.loc or []), "n_unrelated": len(self.unrel), "loadavg_start": os.getloadavg()}
@@ -128,10 +131,12 @@ class Bench:
         self.res["loadavg_now"] = os.getloadavg()
         atomic_json(Path(self.a.out), self.res)
 
-    def evaluate(self, prepare=None):
+    def evaluate(self, ed=None):
+        """QA figures of the unedited model, or of the model with ed's edits (its routing hook)."""
         t = time.perf_counter()
-        figs = scen.evaluate(self.model, self.tok, self.tpl, self.records, self.loc, prepare=prepare,
-                             before=self.before, batch_size=self.a.batch_size)
+        em = ed.eval_model() if ed is not None else ev.LlamaEvalModel(self.model, self.tok, self.tpl)
+        figs = ev.evaluate_qa(em, self.tok, self.tpl, self.records, loc_pairs=self.loc, before=self.before,
+                              batch_size=self.a.batch_size)
         out = {k: round(v["value"], 2) for k, v in figs.items()}
         out["eval_s"] = round(time.perf_counter() - t, 1)
         return out
@@ -161,17 +166,21 @@ class Bench:
 
     def run(self, s: scen.Settings, out=None, reuse=True, log=True, n_unrelated=None):
         """Sequential edits with settings s on the model; returns (editor, per-edit seconds).
+        The edits are saved in `out` (if given) after the last one.
         n_unrelated: use only the first n unrelated prompts (default all loaded: --n-unrelated)."""
-        if n_unrelated is not None and n_unrelated > len(self.unrel_ids):
+        if n_unrelated is not None and n_unrelated > len(self.unrel):
             raise SystemExit(f"an ablation row asks for {n_unrelated} unrelated prompts; --n-unrelated "
-                             f"loaded {len(self.unrel_ids)}")
-        ed = scen.Editor(self.model, s, self.unrel_ids[:n_unrelated or self.a.n_unrelated], out)
+                             f"loaded {len(self.unrel)}")
+        ed = scen.Editor(self.model, self.tok, s, template=self.tpl,
+                         unrelated=self.unrel[:n_unrelated or self.a.n_unrelated])
+        ed.check(self.records)                       # what ed.edit(records) refuses, before any work
         key = tuple(getattr(ed.s, k) for k in EXPERT_KEYS)
         cached = self.expert_cache.get(key) if (reuse and s.method == "scen") else None
         secs = []
         t0 = time.perf_counter()
-        for i, (ids, ts) in enumerate(self.enc):
-            r = ed.edit(ids, ts, {"prompt": self.records[i].prompt}, expert=cached[i] if cached else None)
+        for i, e in enumerate(self.enc):             # ed.edit(records), one edit at a time, with the cached experts
+            r = ed.edit_ids(e.ids, e.target_start, {"prompt": self.records[i].prompt},
+                            expert=cached[i] if cached else None)
             secs.append(r["seconds"])
             if log and (i < 3 or (i + 1) % 20 == 0 or i + 1 == len(self.enc)):
                 el = time.perf_counter() - t0
@@ -179,10 +188,9 @@ class Bench:
                       f"ETA {el / (i + 1) * (len(self.enc) - i - 1):.0f} s", flush=True)
         if s.method == "scen" and not cached:
             self.expert_cache[key] = list(ed.router.experts)
+        if out:
+            ed.save(out)
         return ed, secs
-
-    def restore(self, ed):
-        self.model.layers[ed.s.layer].mlp.down_proj = ed.base
 
     def time_figs(self, secs, ed, out):
         f = {"s_edit_first": round(secs[0], 2), "s_edit_last": round(secs[-1], 2),
@@ -219,15 +227,15 @@ class Bench:
                 n = int(prompt_end[b]) + 1 - int((mask[b] == 0).sum()) if mask is not None and mask[b, 0] == 0 else int(prompt_end[b]) + 1
                 rows.append(by_prompt.get(tuple(ids[:n]), -1))
             ed.router.route_at(prompt_end, force=torch.tensor(rows))
-        figs = scen.evaluate(self.model, self.tok, self.tpl, self.records, None, prepare=prepare,
-                             batch_size=self.a.batch_size)
+        em = ev.LlamaEvalModel(self.model, self.tok, self.tpl, prepare=prepare)
+        figs = ev.evaluate_qa(em, self.tok, self.tpl, self.records, loc_pairs=None, batch_size=self.a.batch_size)
         return {k: round(v["value"], 2) for k, v in figs.items() if k.startswith(("Reliability", "Generality"))}
 
     def scen_default(self):
         with tempfile.TemporaryDirectory() as out:
             print("SCEN defaults", flush=True)
             ed, secs = self.run(scen.Settings(seed=0), out)
-            r = self.evaluate(ed.prepare)
+            r = self.evaluate(ed)
             r.update(self.time_figs(secs, ed, out))
             r["settings"] = asdict(ed.s)
             if self.a.oracle:
@@ -236,15 +244,15 @@ class Bench:
             r["latency_10tok_loc_q_s"] = self.latency(ed.prepare, self.loc_queries())
             r["n_experts"] = len(ed.router.experts)
             self.res["scen"] = r
-            self.restore(ed)
+            ed.restore()                                 # the unedited model again
 
     def ft(self):
         print("FT", flush=True)
         ed, secs = self.run(scen.Settings(method="ft"))
-        r = self.evaluate(ed.prepare)
+        r = self.evaluate(ed)
         r.update(self.time_figs(secs, ed, None))
         self.res["ft"] = r
-        self.restore(ed)
+        ed.restore()
 
     def ablation(self):
         self.res.setdefault("ablation", {})
@@ -265,14 +273,14 @@ class Bench:
                 over = dict(over)
                 n_unrel = over.pop("n_unrelated", None)
                 ed, secs = self.run(replace(scen.Settings(), **over), log=False, n_unrelated=n_unrel)
-                r = self.evaluate(ed.prepare)
+                r = self.evaluate(ed)
                 r.update(self.time_figs(secs, ed, None))
                 if name in ("paper", "+expert until reproduced (lr 1e-3, cap 60)") or "expert" in name or "layer" in name:
                     r["oracle"] = self.oracle(ed)
                 r["fired_own_on_edit"] = sum(x["routed_to"] == i for i, x in enumerate(ed.log))
                 r["n_unrelated"] = len(ed.U_unrel)
                 self.res["ablation"][name] = r
-                self.restore(ed)
+                ed.restore()
                 self.save()
         finally:
             self.records, self.enc, self.loc, self.before = full, fenc, floc, fbefore
@@ -286,8 +294,14 @@ class Bench:
         expert) and for D_loc prompts (mostly unrouted)."""
         d = Path(self.a.edits_dir)
         st = json.loads((d / "scen.json").read_text())
-        s = scen.Settings(**st["settings"])
-        ed = scen.Editor(self.model, s, [data.encode_prompt(self.tok, self.tpl, q) for q in st["meta"]["unrelated"]]).load(d)
+        if "template" not in st:
+            raise SystemExit(f"{d}/scen.json: written by scen.py before its Editor API (no template, "
+                             f"unrelated prompts under meta); scen.Editor.load reads only the new layout")
+        ed = scen.Editor.load(d, self.model, self.tok)
+        if ed.template.kind != self.tpl.kind:
+            print(f"latency: the edits were made with template {ed.template.kind}, the queries are "
+                  f"asked with {self.tpl.kind} (--template)", flush=True)
+        s = ed.s
         layer = self.model.layers[s.layer].mlp
         out = {"n_experts": len(ed.router.experts)}
         for kind, queries in (("edit", [r.prompt for r in self.records]), ("loc", self.loc_queries())):
@@ -305,11 +319,11 @@ class Bench:
             layer.down_proj = ed.router
             out[kind] = {"unedited_median_s": statistics.median(base_t), "scen_median_s": statistics.median(routed_t),
                          "ratio": statistics.median(routed_t) / statistics.median(base_t), "timings": len(base_t)}
-        self.restore(ed)
+        ed.restore()
         log = st["log"]                                  # per-edit cost of that run, from its own log
         if log and "cpu_seconds" in log[0]:
             k = min(20, len(log))
-            out["per_edit"] = {"edits": len(log), "n_unrelated": len(st["meta"]["unrelated"]),
+            out["per_edit"] = {"edits": len(log), "n_unrelated": len(st["unrelated"]),
                                "cpu_s_edit_1": log[0]["cpu_seconds"], "cpu_s_edit_last": log[-1]["cpu_seconds"],
                                **cpu_figs(log),
                                "expert_steps_first20_mean": sum(r["expert_steps"] for r in log[:k]) / k,

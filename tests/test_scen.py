@@ -214,6 +214,7 @@ def test_cli_bad_inputs_fail_before_the_model_is_loaded(tmp_path, monkeypatch):
                       (base + ["--layer", "3"], "layer 3 is out of range"),
                       (base + ["--unrelated", str(bad)], r"bad.jsonl:2"),
                       (base + ["--loc", str(tmp_path / "missing.json")], "missing.json"),
+                      (base + ["--template", "chatml"], "--template chatml: template chatml: this tokenizer's chat format is 'none'"),
                       (["--load-edits", str(tmp_path)], "needs --prompt"),
                       (["--load-edits", str(tmp_path), "--prompt", "hi"], "no run.json")]:
         with pytest.raises(SystemExit, match=msg):
