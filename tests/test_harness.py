@@ -180,3 +180,20 @@ def test_llama3_template_ids_equal_the_reference_chat_template(tmp_path):
         e = data.encode_prompt_target(ours, template, q, "Frank Herbert")
         assert e.ids[-1] == ours.token_to_id("<|eot_id|>") and ours.decode(e.ids[e.target_start:e.target_end]) == "Frank Herbert"
     assert template.stop_strings[0] == "<|eot_id|>"
+
+
+def test_load_edits_answers_with_the_saved_edits_for_nse(root, tmp_path, capsys):
+    out = tmp_path / "run"
+    nse.main(["--ckpt", str(root / "ckpt"), "--edits", str(root / "edits.jsonl"), "--stats-text",
+              str(root / "corpus.txt"), "--cache-dir", str(root / "cache"), "--stats-tokens", "1000",
+              "--v-steps", "8", "--no-baseline", "--no-fluency", "--out", str(out)])
+    model, tok = llama.load(root / "ckpt")
+    unedited = nse.Editor(model, tok, nse.Settings(**NSE_TINY), stats_text=root / "corpus.txt").generate(PROMPTS, 8)
+    want = nse.Editor.load(out, model, tok).generate(PROMPTS, 8)
+    assert want != unedited
+    capsys.readouterr()
+    for p, w in zip(PROMPTS, want):
+        assert nse.main(["--load-edits", str(out), "--prompt", p, "--max-new-tokens", "8"]) == w
+        assert capsys.readouterr().out.strip() == w.strip()
+    exported, _ = llama.load(out / "model")                   # the plain checkpoint answers the same
+    assert ev.generate_answers(exported, tok, data.Template("raw"), PROMPTS, max_new_tokens=8) == want
