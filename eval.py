@@ -526,6 +526,20 @@ def table(figures: dict, title: str | None = None) -> str:
     return "\n".join(head + [f"{k:<{w}}  {v:>8}  n={n}" for k, v, n in rows])
 
 
+def side_by_side(sections: dict, prefixes=None) -> str:
+    """One terminal table, a column per section ("unedited", "scen", ...), a row per metric (those
+    starting with one of `prefixes`, or all), with each metric's n."""
+    names = list(dict.fromkeys(k for figs in sections.values() for k in figs
+                               if prefixes is None or k.startswith(tuple(prefixes))))
+    w = max([len(k) for k in names] + [6])
+    cell = lambda f: "" if f is None else f"{f['value']:.2f}" if isinstance(f["value"], float) else str(f["value"])
+    lines = [f"{'':<{w}}" + "".join(f"{s:>12}" for s in sections) + "     n"]
+    for k in names:
+        n = next(figs[k].get("n", "") for figs in sections.values() if k in figs)
+        lines.append(f"{k:<{w}}" + "".join(f"{cell(figs.get(k)):>12}" for figs in sections.values()) + f"  {n:>4}")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------
 # Editors: the one shape every method has
 # --------------------------------------------------------------------------------------------
@@ -833,7 +847,7 @@ def _edit_run(method, args, log):
     rep.notes += ed.report_notes()
     if out:
         rep.write(out)
-    log("\n".join(table(f, k) for k, f in rep.sections.items()))
+    log(side_by_side(rep.sections))
     return rep
 
 

@@ -457,8 +457,7 @@ def derive_scale_defaults(model, tok, records, templates, layers, C0, clamp: flo
 # ----------------------------------------------------------------------------------------------
 # The editor: batches in sequence, the state that lets editing continue, persistence
 
-def default_cache_dir() -> str:
-    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "llama-edit", "nse")
+CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "llama-edit", "nse")
 
 
 class Editor(ev.Editor):
@@ -477,7 +476,7 @@ class Editor(ev.Editor):
         super().__init__(model, tokenizer, template)
         self.given = settings or Settings()
         self.check_settings(self.given, model.config)
-        self.stats_text, self.cache_dir = stats_text, str(cache_dir or default_cache_dir())
+        self.stats_text, self.cache_dir = stats_text, str(cache_dir or CACHE_DIR)
         model.requires_grad_(False)
         self.contexts = context_templates(model, tokenizer, self.given.seed)
         self.W0 = {l: w.detach().clone() for l, w in self._weights(self.given).items()}
@@ -540,13 +539,10 @@ class Editor(ev.Editor):
         return rows
 
     def report_notes(self) -> list[str]:
-        left = sum(len(b["left_above_upper"]) for b in self.log)
-        total = sum(self.timer.values()) or 1.0
-        derived = {k: round(v, 1) for k, v in self.derived.items()}
-        return [f"lam {self.s.lam:.1f}, alpha {self.s.alpha:.1f}, upper_bound {self.s.upper_bound:.1f}"
-                + (f" (derived: {json.dumps(derived)})" if derived else ""),
-                f"requests left above upper_bound (never edited): {left}",
-                "time shares: " + ", ".join(f"{k} {v / total:.3f}" for k, v in self.timer.items())]
+        total, left = sum(self.timer.values()) or 1.0, sum(len(b["left_above_upper"]) for b in self.log)
+        shares = {k: round(v / total, 3) for k, v in self.timer.items()}
+        return [f"derived from the first batch: {json.dumps(self.derived)}",
+                f"requests left above upper_bound (never edited): {left}", f"time shares: {json.dumps(shares)}"]
 
     # -- persistence: OUT/nse_state.safetensors (W0.l, Cp.l, W.l + settings and log), atomic ---
     def save(self, out):
@@ -597,7 +593,7 @@ class Editor(ev.Editor):
         shared = Path(__file__).resolve().parent.parent / "shared/data/wikitext/wikitext-2-raw-test.txt"
         g.add_argument("--stats-text", default=str(shared) if shared.is_file() else None,
                        help="text corpus for C0 (default: ../shared's WikiText-2 test, when present)")
-        g.add_argument("--cache-dir", default=default_cache_dir(), help="where C0 is cached")
+        g.add_argument("--cache-dir", default=CACHE_DIR, help="where C0 is cached")
 
     @classmethod
     def inputs_from(cls, args, records) -> dict:

@@ -505,16 +505,10 @@ def demo(log=ev.say):
     """`python scen.py`: the demo world's QA edits, unedited vs FT vs SCEN."""
     p = train_sft.ensure_demo(log=log)
     base = ["--ckpt", str(p["ckpt"]), "--edits", str(p["edits_qa"]), "--loc", str(p["loc_qa"]), "--template", "llama2"]
-    figs = {}
-    for method in ("ft", "scen"):
-        rep = ev.run(Editor, base + ["--method", method] + (["--no-baseline"] if figs else []), log=lambda *_: None)
-        figs.setdefault("unedited", rep.sections.get("unedited"))
-        figs[method] = rep.sections[method]
-    names = [k for k in figs["scen"] if k.startswith(("Reliability", "Generality", "Locality"))]
+    figs = dict(ev.run(Editor, base + ["--method", "ft"], log=lambda *_: None).sections)
+    figs["scen"] = ev.run(Editor, base + ["--no-baseline"], log=lambda *_: None).sections["scen"]
     log(f"demo: {len(data.load_edits(p['edits_qa']))} sequential QA edits, tiny demo model")
-    log(f"{'':10}" + "".join(f"{k:>22}" for k in names))
-    for m, f in figs.items():
-        log(f"{m:10}" + "".join(f"{f[k]['value']:>22.1f}" for k in names))
+    log(ev.side_by_side(figs, ("Reliability", "Generality", "Locality")))
     return figs
 
 

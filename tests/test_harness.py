@@ -130,7 +130,7 @@ def test_readme_python_api_snippet_runs_for_scen_and_nse(root, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(scen, "Settings", functools.partial(scen.Settings, **SCEN_TINY))
     monkeypatch.setattr(nse, "Settings", functools.partial(nse.Settings, **NSE_TINY))
-    monkeypatch.setattr(nse, "default_cache_dir", lambda: str(root / "cache"))
+    monkeypatch.setattr(nse, "CACHE_DIR", str(root / "cache"))
     code = code.replace('"path/to/checkpoint"', repr(str(root / "ckpt")))
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out.splitlines()
