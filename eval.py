@@ -545,8 +545,25 @@ def side_by_side(sections: dict, prefixes=None) -> str:
 # --------------------------------------------------------------------------------------------
 def setting(default, help: str, **meta):
     """A Settings field with its command-line help beside it (the harness makes one flag per
-    field; meta: choices=...)."""
+    field). meta: choices=(...), and bounds min= / max= (inclusive), gt= / lt= (strict)."""
     return field(default=default, metadata={"help": help, **meta})
+
+
+BOUNDS = {"min": (lambda v, b: v >= b, ">="), "max": (lambda v, b: v <= b, "<="),
+          "gt": (lambda v, b: v > b, ">"), "lt": (lambda v, b: v < b, "<")}
+
+
+def check_bounds(s) -> None:
+    """Every field of a Settings dataclass within its declared choices and bounds (None = unset)."""
+    for f in fields(s):
+        v = getattr(s, f.name)
+        if v is None:
+            continue
+        if "choices" in f.metadata and v not in f.metadata["choices"]:
+            raise RunError(f"{f.name} {v!r}: must be one of {', '.join(map(str, f.metadata['choices']))}")
+        for key, (ok, word) in BOUNDS.items():
+            if key in f.metadata and not all(ok(x, f.metadata[key]) for x in (v if isinstance(v, list) else [v])):
+                raise RunError(f"{f.name} {v}: must be {word} {f.metadata[key]}")
 
 
 def as_records(records=None, *, prompts=None, target_new=None, subject=None) -> list:
@@ -629,8 +646,9 @@ class Editor:
 
     # -- what the run harness asks of a method (defaults: nothing beyond the edits) -----------
     @classmethod
-    def check_settings(cls, s, config, n_records: int) -> None:
+    def check_settings(cls, s, config, n_records: int = 0) -> None:
         """Refuse settings that cannot work on this checkpoint (config.json), naming the field."""
+        check_bounds(s)
 
     @classmethod
     def add_inputs(cls, group) -> None:
@@ -657,8 +675,27 @@ def _flag_type(f):
     if t.startswith("bool"):
         return parse_bool
     if t.startswith("list[int]"):
-        return lambda v: [int(x) for x in v.split(",") if x.strip()]
+        return int_list
     return {"int": int, "float": float}.get(t.split("|")[0], str)
+
+
+def int_list(v: str) -> list[int]:
+    try:
+        return [int(x) for x in v.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 4,5,6, got {v!r}")
+
+
+def at_least(lo: int):
+    def parse(v: str) -> int:
+        try:
+            x = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {v!r}")
+        if x < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {x}")
+        return x
+    return parse
 
 
 def parse_bool(v: str) -> bool:
@@ -669,15 +706,22 @@ def parse_bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the flag and the problem), not the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parser(method) -> argparse.ArgumentParser:
     """The common flags, then one flag per field of method.Settings (help from the field), then
     the method's inputs (method.add_inputs) and presets (method.PRESETS)."""
-    ap = argparse.ArgumentParser(description=method.description)
+    ap = Parser(prog=f"{method.name}.py", description=method.description)
     a = ap.add_argument_group("run").add_argument
     a("--ckpt", help="base checkpoint folder (Hugging Face layout); never modified")
     a("--edits", help="edit records (.json/.jsonl: ZsRE, EasyEdit, CounterFact, the project's JSONL)")
     a("--format", choices=data.FORMATS, help="edits format (default: detected)")
-    a("--n", type=int, help="edit the first n records (default: all)")
+    a("--n", type=at_least(1), help="edit the first n records (default: all)")
     a("--loc", help="QA: records whose (prompt, target_new) are the Locality pairs (e.g. D_loc)")
     a("--template", choices=["auto", *data.TEMPLATES], help="prompt template (default: raw for "
       "CounterFact completions, else " + method.default_template + "; auto = the checkpoint's chat format)")
@@ -688,12 +732,12 @@ def parser(method) -> argparse.ArgumentParser:
     a("--prompt", help="with --load-edits: the prompt to answer")
     a("--no-baseline", action="store_true", help="skip evaluating the unedited model")
     a("--no-fluency", action="store_true", help="CounterFact: skip the Fluency generations")
-    a("--max-new-tokens", type=int, default=32, help="generation length for answers")
-    a("--eval-batch-size", type=int, default=16, help="queries per evaluation forward pass")
+    a("--max-new-tokens", type=at_least(1), default=32, help="generation length for answers")
+    a("--eval-batch-size", type=at_least(1), default=16, help="queries per evaluation forward pass")
     a("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     a("--dtype", choices=list(llama.DTYPES), help="weights dtype (default: float32 on cpu, bfloat16 "
       "elsewhere); on a CPU computation is float32 anyway")
-    a("--threads", type=int, help="torch CPU threads (default: torch's)")
+    a("--threads", type=at_least(1), help="torch CPU threads (default: torch's)")
     g = ap.add_argument_group(f"{method.name} settings (default: the Settings dataclass)")
     for f in fields(method.Settings):
         g.add_argument("--" + f.name.replace("_", "-"), type=_flag_type(f), default=None,
@@ -782,6 +826,8 @@ def _edit_run(method, args, log):
     cfg = llama.LlamaConfig.from_file(Path(args.ckpt) / "config.json")
     records = data.load_edits(args.edits, args.format, n=args.n,
                               require_subject=method.needs_subject)
+    if args.n is not None and len(records) < args.n:
+        raise RunError(f"--n {args.n}: {args.edits} holds {len(records)} records")
     loc = data.load_edits(args.loc) if args.loc else None
     settings = settings_from(method, args)
     method.check_settings(settings, cfg, len(records))
@@ -905,7 +951,7 @@ def guess_task(records, fmt: str | None) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Evaluate an (unedited) checkpoint with the editing "
+    ap = Parser(description="Evaluate an (unedited) checkpoint with the editing "
                                              "protocols: QA (Reliability/Generality/Locality, "
                                              "generation EM and teacher-forced), CounterFact "
                                              "(Efficacy/Generalization/Specificity/Fluency) or "
@@ -922,15 +968,15 @@ def main(argv=None):
                          "CounterFact and perplexity always use raw")
     ap.add_argument("--loc", default=None, help="QA: file of records whose (prompt, target_new) "
                                                 "are the Locality pairs (e.g. D_loc)")
-    ap.add_argument("--n", type=int, default=None, help="first N records only")
+    ap.add_argument("--n", type=at_least(1), default=None, help="first N records only")
     ap.add_argument("--no-fluency", action="store_true", help="CounterFact: skip Fluency")
-    ap.add_argument("--batch-size", type=int, default=16, help="queries per forward pass")
-    ap.add_argument("--max-new-tokens", type=int, default=32, help="generation length for exact match")
+    ap.add_argument("--batch-size", type=at_least(1), default=16, help="queries per forward pass")
+    ap.add_argument("--max-new-tokens", type=at_least(1), default=32, help="generation length for exact match")
     ap.add_argument("--out", default=None, help="folder for results.json and results.md")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     ap.add_argument("--dtype", choices=list(llama.DTYPES), help="weights dtype (default: float32 on "
                     "cpu, bfloat16 elsewhere); on a CPU computation is float32 anyway")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -942,7 +988,10 @@ def main(argv=None):
     task = guess_task(records, args.format) if args.task == "auto" else args.task
     report = Report(f"eval.py: {task} on {Path(args.data).name}", vars(args))
     with report.timer("load"):
-        model, tok = llama.load(args.ckpt, args.device, args.dtype)
+        try:
+            model, tok = llama.load(args.ckpt, args.device, args.dtype)
+        except llama.CheckpointError as e:
+            raise SystemExit(f"error: {e}")
     model.eval()
     template = data.template_for(tok, args.template) if task == "qa" else Template("raw")
     report.args["template_used"] = template.kind

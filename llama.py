@@ -1086,6 +1086,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not args.prompt.strip():
         ap.error("--prompt is empty")
+    if args.max_new_tokens < 1:
+        ap.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        ap.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        ap.error(f"--top-k must be >= 1, got {args.top_k}")
     try:
         model, tok = load(args.ckpt, args.device, args.dtype)
     except CheckpointError as e:

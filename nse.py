@@ -49,21 +49,21 @@ class Settings:
                           choices=("nse", "memit"))
     layers: list[int] | None = setting(None, "edited layers, ascending, e.g. 4,5,6,7,8; z lives at the output "
                                              "of the last (default: 5 layers at 1/8 of the depth)")
-    batch_size: int = setting(100, "requests per sequential batch")
+    batch_size: int = setting(100, "requests per sequential batch", min=1)
     lam: float | None = setting(None, "lambda (mom2_update_weight), weight of the corpus prior C0 "
-                                      "(default: derived from the checkpoint)")
-    alpha: float | None = setting(None, "a request with ||z - h|| <= alpha is done (default: derived)")
+                                      "(default: derived from the checkpoint)", gt=0)
+    alpha: float | None = setting(None, "a request with ||z - h|| <= alpha is done (default: derived)", min=0)
     upper_bound: float | None = setting(None, "a request with ||z - h|| >= upper_bound is left alone and "
-                                              "reported (default: derived)")
-    v_lr: float = setting(0.5, "Adam lr of the z optimisation")
-    v_steps: int = setting(25, "at most this many z steps")
-    clamp: float = setting(0.75, "||z - h|| <= clamp * ||h|| in the z optimisation")
-    v_weight_decay: float = setting(0.5, "weight of ||delta|| / ||h||^2 in the z objective")
-    kl_factor: float = setting(0.0625, "weight of the KL term in the z objective")
+                                              "reported (default: derived)", gt=0)
+    v_lr: float = setting(0.5, "Adam lr of the z optimisation", gt=0)
+    v_steps: int = setting(25, "at most this many z steps", min=1)
+    clamp: float = setting(0.75, "||z - h|| <= clamp * ||h|| in the z optimisation", gt=0)
+    v_weight_decay: float = setting(0.5, "weight of ||delta|| / ||h||^2 in the z objective", min=0)
+    kl_factor: float = setting(0.0625, "weight of the KL term in the z objective", min=0)
     loss_stop: float = setting(5e-2, "a request's z optimisation stops below this loss")
-    max_iterations: int = setting(3, "NSE passes per batch")
-    neuron_threshold: float = setting(1.0, "share of the |K| mass the selected neurons hold")
-    stats_tokens: int = setting(200_000, "tokens of the corpus used for C0")
+    max_iterations: int = setting(3, "NSE passes per batch", min=1)
+    neuron_threshold: float = setting(1.0, "share of the |K| mass the selected neurons hold", gt=0, max=1)
+    stats_tokens: int = setting(200_000, "tokens of the corpus used for C0", min=1)
     seed: int = setting(0, "seed of the context templates")
 
 
@@ -489,12 +489,11 @@ class Editor(ev.Editor):
 
     @classmethod
     def check_settings(cls, s, config, n_records=0):
+        super().check_settings(s, config, n_records)
         L = config.num_hidden_layers
         if s.layers is not None and (sorted(set(s.layers)) != s.layers or not all(0 <= l < L for l in s.layers)
                                      or not s.layers):
             raise EditError(f"layers {s.layers}: must be ascending layer indices below {L}")
-        if s.batch_size < 1:
-            raise EditError(f"batch_size {s.batch_size}: must be at least 1")
 
     def restore(self):
         """The original down projections back (the unedited model, bit for bit) and no edits."""

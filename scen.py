@@ -50,22 +50,24 @@ from eval import setting
 class Settings:
     method: str = setting("scen", "scen, or ft (fine-tune W_down of layer l in place)", choices=("scen", "ft"))
     layer: int | None = setting(None, "edited layer (default: round(depth * number of layers))")
-    depth: float = setting(0.8, "default layer's depth fraction (paper: 20/32; 0.8 measured better on SmolLM2)")
+    depth: float = setting(0.8, "default layer's depth fraction (paper: 20/32; 0.8 measured better on SmolLM2)",
+                           gt=0, max=1)
     theta: float = setting(0.65, "routing threshold (eq. 11)")
-    expert_lr: float = setting(1e-3, "expert Adam lr (paper/code: 1e-4)")
-    expert_steps: int = setting(60, "expert steps (paper: exactly 10); a cap with expert_until")
+    expert_lr: float = setting(1e-3, "expert Adam lr (paper/code: 1e-4)", gt=0)
+    expert_steps: int = setting(60, "expert steps (paper: exactly 10); a cap with expert_until", min=0)
     expert_until: bool = setting(True, "true/false: stop when every target token is argmax and NLL < expert_nll")
-    expert_nll: float = setting(0.1, "expert_until's mean NLL bound")
+    expert_nll: float = setting(0.1, "expert_until's mean NLL bound", gt=0)
     loss: str = setting("paper", "paper: eq. 5-8; code: the official code's variant", choices=("paper", "code"))
     alpha: float = setting(0.7, "eq. 6's alpha")
     beta: float = setting(0.3, "eq. 7's beta")
-    m: float = setting(1.0, "weight of the negative terms in eq. 8")
-    neuron_lr: float = setting(3e-2, "neuron Adam lr (paper/code: 1e-4; 1e-2 -> 3e-2: Rel 98.5 -> 100 at 200 edits)")
+    m: float = setting(1.0, "weight of the negative terms in eq. 8", min=0)
+    neuron_lr: float = setting(3e-2, "neuron Adam lr (paper/code: 1e-4; 1e-2 -> 3e-2: Rel 98.5 -> 100 at 200 edits)",
+                               gt=0)
     neuron_steps: int = setting(1500, "neuron steps (paper: exactly 20); a cap with neuron_until (400 -> 1500: "
-                                      "Loc 90.6 -> 95.3 at 200 edits)")
+                                      "Loc 90.6 -> 95.3 at 200 edits)", min=0)
     neuron_until: bool = setting(True, "true/false: train until own a > theta+pos_margin, negatives < theta-neg_margin")
-    pos_margin: float = setting(0.2, "own activation must exceed theta by this")
-    neg_margin: float = setting(0.3, "negatives must stay below theta by this")
+    pos_margin: float = setting(0.2, "own activation must exceed theta by this", min=0)
+    neg_margin: float = setting(0.3, "negatives must stay below theta by this", min=0)
     features: str = setting("center-norm", "neuron input f(u): raw (paper), u - mean unrelated u, or that normalised",
                             choices=("raw", "center", "center-norm"))
     neuron_init: str = setting("random", "nn.Linear's init (paper), or proto: w = c f(u_t)",
@@ -337,6 +339,7 @@ class Editor(ev.Editor):
 
     @classmethod
     def check_settings(cls, s, config, n_records=0):
+        super().check_settings(s, config, n_records)
         L = config.num_hidden_layers
         if s.layer is not None and not 0 <= s.layer < L:
             raise ev.RunError(f"layer {s.layer} is out of range: the model has layers 0..{L - 1}")
