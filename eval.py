@@ -901,6 +901,9 @@ def _check_out(out, resume: bool, info: dict):
     """The --out rule: a folder holding a run is refused without --resume; --resume with nothing
     to resume is refused; a resume whose settings, data or checkpoint differ is refused, naming
     the field. Returns the saved run.json (or None for a fresh run)."""
+    if out is not None and out.exists():
+        for tmp in out.rglob(".*.tmp"):                 # a write that a kill interrupted
+            tmp.unlink()
     has_run = out is not None and (out / "run.json").exists()
     if resume and not has_run:
         raise RunError(f"--resume: {out or '(no --out)'} holds no run to resume (no run.json)")
@@ -911,8 +914,6 @@ def _check_out(out, resume: bool, info: dict):
             raise RunError(f"{out} is not empty and holds no run: give an empty or new folder")
         return None
     old = json.loads((out / "run.json").read_text())
-    for tmp in out.rglob(".*.tmp"):                     # a write that a kill interrupted
-        tmp.unlink()
     for k, v in info.items():
         if k == "settings":
             for s, sv in v.items():

@@ -442,23 +442,27 @@ class Editor(ev.Editor):
         c = None if self.router is None or self.router.choice is None else self.router.choice[0].item()
         return None if c is None else f"[routed to expert {c + 1}]" if c >= 0 else "[no expert fired: original weights]"
 
-    # -- persistence: OUT/experts/expert_00001.safetensors ..., index.safetensors, scen.json last --
+    # -- persistence: OUT/experts/expert_00001.safetensors ..., state_0000t.safetensors, scen.json --
     def save(self, out):
-        """Write what OUT lacks: the experts made since the last save there, the index (W_merge, b,
-        cached features) or FT's weight, then scen.json (settings, template, log), which names
-        how many edits the folder holds; load() trusts scen.json and ignores anything beyond it."""
+        """Commit edit t to OUT as a whole: the experts made since the last save there and a new
+        state file (W_merge, b and the cached features, or FT's weight) under new names, then
+        scen.json (settings, template, log, the state file's name) as the manifest, written last;
+        then what the manifest does not name (an older state, experts past t) is removed."""
         out, t = Path(out), len(self.log)
-        feats = {"U": torch.stack(self.U) if self.U else self.U_unrel[:0], "U_unrel": self.U_unrel}
-        if self.router is not None:
-            for k in range(self.saved_n.get(str(out), 0), t):
-                llama.write_safetensors(out / "experts" / f"expert_{k + 1:05d}.safetensors",
-                                        {"weight": self.router.experts[k]})
-            llama.write_safetensors(out / "index.safetensors", {"W": self.router.W, "b": self.router.b, **feats})
-        else:
-            llama.write_safetensors(out / "ft_down.safetensors", {"weight": self.ft.weight, **feats})
+        tensors = {"U": torch.stack(self.U) if self.U else self.U_unrel[:0], "U_unrel": self.U_unrel}
+        scen = self.router is not None
+        tensors.update({"W": self.router.W, "b": self.router.b} if scen else {"weight": self.ft.weight})
+        for k in range(self.saved_n.get(str(out), 0), t if scen else 0):
+            llama.write_safetensors(out / "experts" / f"expert_{k + 1:05d}.safetensors",
+                                    {"weight": self.router.experts[k]})
+        state = f"state_{t:05d}.safetensors"
+        llama.write_safetensors(out / state, tensors)
         llama.write_json(out / "scen.json", {"settings": asdict(self.s), "template": [self.template.kind,
-                         self.template.system], "unrelated": self.unrelated, "log": self.log})
+                         self.template.system], "unrelated": self.unrelated, "state": state, "log": self.log})
         self.saved_n[str(out)] = t
+        for f in [*out.glob("state_*.safetensors"), *out.glob("experts/expert_*.safetensors")]:
+            if (f.name != state and f.parent == out) or (f.parent != out and int(f.stem[7:]) > t):
+                f.unlink()
 
     @classmethod
     def saved(cls, out) -> bool:
@@ -474,12 +478,12 @@ class Editor(ev.Editor):
         model.requires_grad_(False)
         ed.s, ed.base, ed.unrelated = s, model.layers[s.layer].mlp.down_proj, st["unrelated"]
         dev = str(model.device)
-        x = load_file(str(out / ("index.safetensors" if s.method == "scen" else "ft_down.safetensors")), device=dev)
+        x = load_file(str(out / st["state"]), device=dev)
         ed.U_unrel = x["U_unrel"]
         ed.restore()
-        ed.log, ed.U, ed.saved_n = st["log"], list(x["U"][:t]), {str(out): t}
+        ed.log, ed.U, ed.saved_n = st["log"], list(x["U"]), {str(out): t}
         if s.method == "scen":
-            ed.router.W, ed.router.b = x["W"][:t], x["b"][:t]
+            ed.router.W, ed.router.b = x["W"], x["b"]
             ed.router.experts = [load_file(str(out / "experts" / f"expert_{k:05d}.safetensors"), device=dev)["weight"]
                                  for k in range(1, t + 1)]
         else:
