@@ -738,6 +738,8 @@ def parser(method) -> argparse.ArgumentParser:
     a("--dtype", choices=list(llama.DTYPES), help="weights dtype (default: float32 on cpu, bfloat16 "
       "elsewhere); on a CPU computation is float32 anyway")
     a("--threads", type=at_least(1), help="torch CPU threads (default: torch's)")
+    a("--export-dtype", choices=list(llama.DTYPES), help="methods whose result is a plain checkpoint (NSE, "
+      "MEMIT): its weights dtype in OUT/model (default: the dtype of --ckpt's config.json)")
     g = ap.add_argument_group(f"{method.name} settings (default: the Settings dataclass)")
     for f in fields(method.Settings):
         g.add_argument("--" + f.name.replace("_", "-"), type=_flag_type(f), default=None,
@@ -879,7 +881,9 @@ def _edit_run(method, args, log):
             log(progress(ed.n_edits, len(records), t0, done0, rows[-1]))
     if out and hasattr(ed, "export"):
         with rep.timer("export"):
-            ed.export(out / "model", tokenizer_dir=args.ckpt)
+            dtype = ed.export(out / "model", tokenizer_dir=args.ckpt, dtype=args.export_dtype)
+        rep.notes.append(f"{out / 'model'}: the edited model, weights in {dtype}; the edited figures are "
+                         f"this checkpoint's (the model in memory was rounded to {dtype} before evaluation)")
     # 4. the edited figures
     with rep.timer("eval edited"):
         rep.add(method.name, evaluate(ed.eval_model()))

@@ -582,9 +582,15 @@ class Editor(ev.Editor):
         ed.log = ed.state.log
         return ed
 
-    def export(self, out_dir, tokenizer_dir=None):
-        """The edited model as a plain Hugging Face checkpoint folder (atomic files)."""
-        self.model.save_pretrained(out_dir, tokenizer_dir=tokenizer_dir)
+    def export(self, out_dir, tokenizer_dir=None, dtype=None):
+        """The edited model as a plain Hugging Face checkpoint folder (atomic files), its weights in
+        `dtype` (default: the dtype of the checkpoint that came in, config.json's torch_dtype). The
+        model in memory is rounded to it too, so what is evaluated next is what was written."""
+        dtype = llama.DTYPES.get(dtype or self.model.config.torch_dtype, self.model.dtype)
+        for p in self.model.parameters():
+            p.data.copy_(p.data.to(dtype))                       # round in place, one tensor at a time
+        self.model.save_pretrained(out_dir, tokenizer_dir=tokenizer_dir, dtype=dtype)
+        return dtype
 
     # -- the run harness's inputs: the corpus for C0 ---------------------------------------------
     @classmethod

@@ -197,3 +197,27 @@ def test_load_edits_answers_with_the_saved_edits_for_nse(root, tmp_path, capsys)
         assert capsys.readouterr().out.strip() == w.strip()
     exported, _ = llama.load(out / "model")                   # the plain checkpoint answers the same
     assert ev.generate_answers(exported, tok, data.Template("raw"), PROMPTS, max_new_tokens=8) == want
+
+
+def test_nse_exports_in_the_checkpoints_dtype_and_reports_that_checkpoints_figures(root, tmp_path):
+    ck = tmp_path / "ckpt16"
+    tiny_checkpoint(ck)
+    llama.Llama.from_pretrained(ck).save_pretrained(ck, dtype=torch.bfloat16)       # a bf16 checkpoint
+    out = tmp_path / "run"
+    rep = nse.main(["--ckpt", str(ck), "--edits", str(root / "edits.jsonl"), "--stats-text", str(root / "corpus.txt"),
+                    "--cache-dir", str(tmp_path / "cache"), "--stats-tokens", "1000", "--v-steps", "8",
+                    "--no-baseline", "--out", str(out)])
+    assert json.loads((out / "model" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    exported, tok = llama.load(out / "model")                                          # float32 compute
+    records = data.load_edits(root / "edits.jsonl")
+    figs = ev.evaluate_qa(ev.LlamaEvalModel(exported, tok, data.Template("raw")), tok, data.Template("raw"), records)
+    assert {k: v["value"] for k, v in figs.items()} == {k: v["value"] for k, v in rep.sections["nse"].items()
+                                                         if not k.startswith("s/edit")}
+    assert any("weights in torch.bfloat16" in n for n in rep.notes)
+    # the model in memory is the exported one, bit for bit (rounded before it is evaluated)
+    model, tok = llama.load(ck)
+    ed = nse.Editor(model, tok, nse.Settings(**NSE_TINY), stats_text=root / "corpus.txt", cache_dir=tmp_path / "cache")
+    ed.edit(records)
+    assert ed.export(tmp_path / "exp") == torch.bfloat16
+    back, _ = llama.load(tmp_path / "exp")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
