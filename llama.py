@@ -941,6 +941,7 @@ def load_tokenizer(ckpt_dir):
                        else "llama2" if "[INST]" in template else "none")
     m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>", template)  # a literal default system prompt
     tok.default_system = m.group(1) if m else None
+    tok.source_dir = d                              # where its files are (an exported edit copies them)
     return tok
 
 

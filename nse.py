@@ -589,6 +589,7 @@ class Editor(ev.Editor):
         dtype = llama.DTYPES.get(dtype or self.model.config.torch_dtype, self.model.dtype)
         for p in self.model.parameters():
             p.data.copy_(p.data.to(dtype))                       # round in place, one tensor at a time
+        tokenizer_dir = tokenizer_dir or getattr(self.tokenizer, "source_dir", None)
         self.model.save_pretrained(out_dir, tokenizer_dir=tokenizer_dir, dtype=dtype)
         return dtype
 
