@@ -333,3 +333,25 @@ def test_z_with_bf16_weights_keeps_no_widened_weight_and_matches_fp32(monkeypatc
     monkeypatch.setattr(llama._WidenOnTheFly, "apply", lambda x, w: torch.nn.functional.linear(x, w.to(x.dtype)))
     kept, _ = _widened_weights_saved_for_backward(narrow, lambda: run(narrow))
     assert kept > 0
+
+
+def test_without_a_corpus_c0_comes_from_text_the_model_generates(tiny_ckpt, tmp_path):
+    model, tok = llama.load(tiny_ckpt / "ckpt")
+    a = nse.generated_corpus(model, tok, 300, length=40, batch=4)
+    b = nse.generated_corpus(model, tok, 300, length=40, batch=4)
+    assert a == b and sum(map(len, a)) == 300 and all(s[0] == tok.eos_id for s in a)   # seeded; from EOS
+    assert len({tuple(s) for s in a}) == len(a)                                            # sampled, not greedy
+    logs = []
+    C0 = nse.load_or_compute_c0(model, tok, None, [0, 1], 300, tmp_path, log=logs.append)
+    assert "300 tokens of generated text" in logs[0] and torch.allclose(C0[0], C0[0].T)
+    again = nse.load_or_compute_c0(model, tok, None, [0, 1], 300, tmp_path, log=logs.append)
+    assert len(logs) == 1 and torch.equal(again[1], C0[1])                                  # cached
+    other = nse.load_or_compute_c0(model, tok, tiny_ckpt / "corpus.txt", [0], 300, tmp_path, log=logs.append)
+    assert len(logs) == 2 and not torch.equal(other[0], C0[0])                              # a different key
+    # the command line, with no corpus at all (a fresh clone has no ../shared)
+    p = subprocess.run([sys.executable, str(ROOT / "nse.py"), "--ckpt", str(tiny_ckpt / "ckpt"), "--edits",
+                        str(tiny_ckpt / "edits.jsonl"), "--stats-tokens", "500", "--cache-dir", str(tmp_path / "c"),
+                        "--layers", "0,1", "--no-fluency", "--threads", "1", "--v-steps", "4", "--n", "2"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "500 tokens of generated text" in p.stdout and "Efficacy" in p.stdout
