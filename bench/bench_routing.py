@@ -82,6 +82,8 @@ def run_variant(model, tok, tpl, enc, targets, sets, unrel_ids, s: scen.Settings
            "not_own_at_edit": [(t, r["routed_to"], round(r["a_own"], 3), r["neuron_steps"])
                                for t, r in enumerate(ed.log) if r["routed_to"] != t]}
     for name, qs in sets.items():
+        if not qs:                 # e.g. no --loc: nothing to route
+            continue
         if (key, name) not in feat_cache:
             feat_cache[(key, name)] = torch.stack([scen.layer_inputs(
                 model, ed.s.layer, data.encode_prompt(tok, tpl, p), ed.base, kind=ed.s.pool)[1] for p, _ in qs])

@@ -294,10 +294,11 @@ class Bench:
         expert) and for D_loc prompts (mostly unrouted)."""
         d = Path(self.a.edits_dir)
         st = json.loads((d / "scen.json").read_text())
-        if "template" not in st:
-            raise SystemExit(f"{d}/scen.json: written by scen.py before its Editor API (no template, "
-                             f"unrelated prompts under meta); scen.Editor.load reads only the new layout")
-        ed = scen.Editor.load(d, self.model, self.tok)
+        try:
+            ed = scen.Editor.load(d, self.model, self.tok)
+        except (KeyError, FileNotFoundError) as e:       # a folder written by an older scen.py
+            raise SystemExit(f"{d}: scen.Editor.load cannot read these edits ({type(e).__name__}: {e}); "
+                             f"they were saved by an older scen.py: make them again with scen.py --out")
         if ed.template.kind != self.tpl.kind:
             print(f"latency: the edits were made with template {ed.template.kind}, the queries are "
                   f"asked with {self.tpl.kind} (--template)", flush=True)
