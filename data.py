@@ -703,7 +703,7 @@ def collate(seqs, pad_id: int, side: str = "right", target_starts=None) -> Batch
 # --------------------------------------------------------------------------------------------
 # The demo world
 # --------------------------------------------------------------------------------------------
-DEMO_VERSION = "demo-world-1"
+DEMO_VERSION = "demo-world-2"
 
 # Phrasings per relation: QA questions (SCEN, [INST] template) and completion prompts with the
 # subject inside (NSE, raw template). The first of each list is the edit prompt, the others are
@@ -763,6 +763,8 @@ class DemoWorld:
                  locality = neighbours (unedited subjects with the same relation, preferably the
                  same true answer, never target_new as their answer) with their true answers.
     loc_qa       QA records of facts no edit touches (D_loc for the "still correct" Locality)
+    unrelated_qa QA records (every phrasing) of the facts of other unedited subjects, none of them
+                 in loc_qa: the questions SCEN's neurons learn not to fire on (its --unrelated)
     corpus       plain sentences stating the facts (text statistics, e.g. NSE's covariance)
     """
     seed: int
@@ -771,6 +773,7 @@ class DemoWorld:
     edits_qa: list[EditRecord]
     edits_cf: list[EditRecord]
     loc_qa: list[EditRecord]
+    unrelated_qa: list[EditRecord]
     corpus: list[str]
 
 
@@ -789,7 +792,7 @@ def _make_names(rng: random.Random, k: int, syllables: tuple[int, int], taken: s
     return out
 
 
-def demo_world(seed: int = 0, n_people: int = 40, n_countries: int = 5, cities_per_country: int = 3,
+def demo_world(seed: int = 0, n_people: int = 60, n_countries: int = 5, cities_per_country: int = 3,
                n_orgs: int = 10, n_edits: int = 30, n_locality: int = 2) -> DemoWorld:
     """Generate the demo world deterministically from `seed` (same seed -> same world).
 
@@ -883,7 +886,16 @@ def demo_world(seed: int = 0, n_people: int = 40, n_countries: int = 5, cities_p
                                    [comp(f, k) for k in range(1, len(rel["completion"]))],
                                    [(comp(facts[j], 0), facts[j].answer) for j in neigh],
                                    [], dict(meta, style="completion")))
+    # the unedited subjects in two halves: Locality is asked about one, the other's questions are
+    # the unrelated prompts a method may learn from (so Locality is measured on held-out subjects)
+    others = sorted({facts[j].subject for j in unedited})
+    rng.shuffle(others)
+    held = set(others[::2])
     loc_qa = [EditRecord(qa(facts[j], 0), facts[j].answer, subject=facts[j].subject,
                          meta={"relation": facts[j].relation, "fact": j, "style": "qa"})
-              for j in range(len(facts)) if j not in edited and facts[j].subject not in used]
-    return DemoWorld(seed, facts, train, edits_qa, edits_cf, loc_qa, corpus)
+              for j in unedited if facts[j].subject not in held]
+    unrelated_qa = [EditRecord(qa(facts[j], k), facts[j].answer, subject=facts[j].subject,
+                               meta={"relation": facts[j].relation, "fact": j, "style": "qa"})
+                    for j in unedited if facts[j].subject in held
+                    for k in range(len(DEMO_RELATIONS[facts[j].relation]["qa"]))]
+    return DemoWorld(seed, facts, train, edits_qa, edits_cf, loc_qa, unrelated_qa, corpus)

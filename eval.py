@@ -885,11 +885,12 @@ def _edit_run(method, args, log):
         rep.notes.append(f"{out / 'model'}: the edited model, weights in {dtype}; the edited figures are "
                          f"this checkpoint's (the model in memory was rounded to {dtype} before evaluation)")
     # 4. the edited figures
+    name = getattr(ed.s, "method", method.name)                  # scen / ft, nse / memit
     with rep.timer("eval edited"):
-        rep.add(method.name, evaluate(ed.eval_model()))
+        rep.add(name, evaluate(ed.eval_model()))
     secs = [r["seconds"] for r in ed.log]
     per = [r["seconds"] / r.get("n", 1) for r in ed.log]
-    rep.add(method.name, {
+    rep.add(name, {
         "s/edit (mean)": metric(sum(secs) / max(ed.n_edits, 1), "wall seconds per edit", ed.n_edits),
         "s/edit first": metric(per[0], "wall seconds per edit, first log row", 1),
         "s/edit last": metric(per[-1], "wall seconds per edit, last log row", 1)})

@@ -364,7 +364,7 @@ def split_edit_loc(model, tokenizer, template, records, *, batch_size=32, max_ne
 # --------------------------------------------------------------------------------------------
 # The demo
 # --------------------------------------------------------------------------------------------
-DEMO_TRAIN_VERSION = "demo-train-1"
+DEMO_TRAIN_VERSION = "demo-train-2"
 DEMO_SEED = 0
 DEMO_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=4,
                   num_key_value_heads=2)
@@ -387,7 +387,7 @@ def _demo_key(world: data.DemoWorld) -> str:
     h.update(json.dumps({"data": data.DEMO_VERSION, "train": DEMO_TRAIN_VERSION, "model": DEMO_MODEL,
                          "cfg": asdict(DEMO_TRAIN) | {"log_every": None}, "vocab": DEMO_VOCAB,
                          "chat": DEMO_CHAT_TEMPLATE}, sort_keys=True).encode())
-    for part in (world.train, world.edits_qa, world.edits_cf, world.loc_qa):
+    for part in (world.train, world.edits_qa, world.edits_cf, world.loc_qa, world.unrelated_qa):
         for r in part:
             h.update(json.dumps(r.to_dict(), sort_keys=True).encode())
     h.update("\n".join(world.corpus).encode())
@@ -422,7 +422,7 @@ def demo_examples(tokenizer, world: data.DemoWorld) -> list[data.Encoded]:
             + encode_records(tokenizer, data.Template("raw"), comp, add_eos=True))
 
 
-def ensure_demo(cache_dir=None, *, force: bool = False, log=print, threads: int | None = None) -> dict:
+def ensure_demo(cache_dir=None, *, force: bool = False, log=print, threads: int = 1) -> dict:
     """The demo's files, trained on first use (about 1-2 minutes on 2 CPU cores) and cached.
 
     Returns {"dir", "ckpt" (HF folder with the SentencePiece tokenizer), "edits_qa" (SCEN:
@@ -431,8 +431,9 @@ def ensure_demo(cache_dir=None, *, force: bool = False, log=print, threads: int 
     "corpus" (plain sentences, e.g. for covariance statistics), "info" (demo.json: key, train
     accuracy, timings)}. QA uses data.Template("llama2"), completions data.Template("raw").
     The folder is built under a temporary name and renamed when complete.
-    threads: torch CPU threads while building (restored afterwards); on a machine busy with other
-    jobs, 1 thread is much faster than 2 fighting for the same cores.
+    threads: torch CPU threads while building (restored afterwards). One by default: the order of
+    a float sum depends on the thread count, so one thread gives the same demo model on every
+    machine with the same CPU kernels (and figures that do not move between machines).
     """
     world = data.demo_world(DEMO_SEED)
     key = _demo_key(world)
@@ -440,6 +441,7 @@ def ensure_demo(cache_dir=None, *, force: bool = False, log=print, threads: int 
     final = root / f"demo-{key}"
     paths = {"dir": final, "ckpt": final / "ckpt", "edits_qa": final / "edits_qa.jsonl",
              "edits_cf": final / "edits_cf.jsonl", "loc_qa": final / "loc_qa.jsonl",
+             "unrelated_qa": final / "unrelated_qa.jsonl",
              "train": final / "train.jsonl", "corpus": final / "corpus.txt", "info": final / "demo.json"}
     if (final / "demo.json").exists() and not force:
         return paths
@@ -472,6 +474,7 @@ def ensure_demo(cache_dir=None, *, force: bool = False, log=print, threads: int 
         data.save_jsonl(world.edits_qa, work / "edits_qa.jsonl")
         data.save_jsonl(world.edits_cf, work / "edits_cf.jsonl")
         data.save_jsonl(world.loc_qa, work / "loc_qa.jsonl")
+        data.save_jsonl(world.unrelated_qa, work / "unrelated_qa.jsonl")
         data.save_jsonl(world.train, work / "train.jsonl")
         data.atomic_write_text(work / "corpus.txt", "\n".join(world.corpus) + "\n")
         info = {"key": key, "data_version": data.DEMO_VERSION, "train_version": DEMO_TRAIN_VERSION,
@@ -482,7 +485,8 @@ def ensure_demo(cache_dir=None, *, force: bool = False, log=print, threads: int 
                 "seconds_total": time.perf_counter() - t0, "seconds_training": stats["seconds"],
                 "seconds_setup": t1 - t0, "templates": {"edits_qa": "llama2", "edits_cf": "raw"},
                 "counts": {"facts": len(world.facts), "edits_qa": len(world.edits_qa),
-                           "edits_cf": len(world.edits_cf), "loc_qa": len(world.loc_qa)}}
+                           "edits_cf": len(world.edits_cf), "loc_qa": len(world.loc_qa),
+                           "unrelated_qa": len(world.unrelated_qa)}}
         data.atomic_write_text(work / "demo.json", json.dumps(info, indent=2) + "\n")
         log(f"demo: train accuracy (generation exact match) QA {acc_qa:.1f}%, completion "
             f"{acc_comp:.1f}%; {info['seconds_total']:.0f} s")
@@ -555,7 +559,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.demo:
-        paths = ensure_demo(args.cache_dir, force=args.force, threads=args.threads)
+        paths = ensure_demo(args.cache_dir, force=args.force, threads=args.threads or 1)
         info = json.loads(Path(paths["info"]).read_text())
         print(f"demo ready in {paths['dir']}")
         print(f"  train accuracy (generation exact match): QA {info['train_accuracy_qa']:.1f}%, "

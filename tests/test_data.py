@@ -291,7 +291,7 @@ def test_demo_world_deterministic_and_consistent():
     w2 = data.demo_world(0)
     assert [r.to_dict() for r in w.edits_qa] == [r.to_dict() for r in w2.edits_qa]
     assert [r.to_dict() for r in data.demo_world(1).edits_qa] != [r.to_dict() for r in w.edits_qa]
-    assert len(w.facts) == 150 and len(w.train) == 750 and len(w.edits_qa) == len(w.edits_cf) == 30
+    assert len(w.facts) == 210 and len(w.train) == 1050 and len(w.edits_qa) == len(w.edits_cf) == 30
     truth = {(f.subject, f.relation): f.answer for f in w.facts}
     edited = {r.subject for r in w.edits_qa}
     assert len(edited) == 30                                        # distinct subjects
@@ -305,6 +305,12 @@ def test_demo_world_deterministic_and_consistent():
             assert not any(s in p for s in edited) and a.strip()
     for r in w.loc_qa:
         assert r.subject not in edited and r.target_new == truth[(r.subject, r.meta["relation"])]
+    # SCEN's unrelated questions: other unedited subjects, every phrasing, none asked for Locality
+    loc_subjects = {r.subject for r in w.loc_qa}
+    assert len(w.unrelated_qa) >= 100 and len(w.loc_qa) >= 40
+    for r in w.unrelated_qa:
+        assert r.subject not in edited and r.subject not in loc_subjects and r.prompt.endswith("?")
+    assert {r.prompt for r in w.unrelated_qa} <= {r.prompt for r in w.train}
     # the capital of every country is one of its own cities
     for f in w.facts:
         if f.relation == "capital":

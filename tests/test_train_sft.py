@@ -149,7 +149,7 @@ def test_demo_cache_key_and_reuse(tmp_path, monkeypatch):
     small = lambda seed: full_world(seed, n_people=6, n_countries=2, cities_per_country=2, n_orgs=2, n_edits=4)
     monkeypatch.setattr(data, "demo_world", small)
     paths = ts.ensure_demo(tmp_path, log=lambda s: None)
-    for k in ("ckpt", "edits_qa", "edits_cf", "loc_qa", "train", "corpus", "info"):
+    for k in ("ckpt", "edits_qa", "edits_cf", "loc_qa", "unrelated_qa", "train", "corpus", "info"):
         assert Path(paths[k]).exists(), k
     assert [p.name for p in tmp_path.iterdir()] == [paths["dir"].name]      # no temp folder left
     qa = data.load_edits(paths["edits_qa"])
