@@ -16,7 +16,7 @@ import llama
 import nse
 import scen
 
-SCEN_TINY = dict(layer=1, expert_lr=3e-2, expert_steps=150)
+SCEN_TINY = dict(layer=1, expert_lr=3e-2, expert_steps=150, expert_nll=1.0, neuron_steps=300)
 NSE_TINY = dict(v_steps=8, stats_tokens=1000)
 PROMPTS = ["Where does Kim Lo live?", "Where does Ann Pi live?"]
 TARGETS, SUBJECTS = ["Oslo", "Lima"], ["Kim Lo", "Ann Pi"]
@@ -81,7 +81,7 @@ def test_nse_load_refuses_a_model_that_is_not_the_unedited_one(root, tmp_path):
 
 def cli(root, out, *extra, template="raw"):
     return ["--ckpt", str(root / "ckpt"), "--edits", str(root / "edits.jsonl"), "--template", template,
-            "--layer", "1", "--expert-lr", "3e-2", "--expert-steps", "150", "--out", str(out), *extra]
+            "--layer", "1", "--expert-lr", "3e-2", "--expert-steps", "150", "--expert-nll", "1", "--out", str(out), *extra]
 
 
 def test_out_and_resume_rules_refuse_naming_the_reason(root, tmp_path, monkeypatch):

@@ -241,7 +241,8 @@ def test_cli_end_to_end_unrelated_excludes_edit_prompts_and_load_edits(tmp_path,
     (tmp_path / "unrel.jsonl").write_text("\n".join(json.dumps(r) for r in others + edits) + "\n")
     out = tmp_path / "out"
     args = ["--ckpt", str(ck), "--edits", str(tmp_path / "edits.jsonl"), "--unrelated", str(tmp_path / "unrel.jsonl"),
-            "--template", "raw", "--layer", "1", "--expert-lr", "3e-2", "--expert-steps", "150", "--out", str(out)]
+            "--template", "raw", "--layer", "1", "--expert-lr", "3e-2", "--expert-steps", "150", "--expert-nll", "1",
+            "--neuron-steps", "300", "--out", str(out)]
     scen.main(args)
     saved = json.loads((out / "scen.json").read_text())
     assert saved["unrelated"] == ["What is red?", "Who is Bo?"]             # an edit's own prompt is no negative
