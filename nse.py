@@ -177,6 +177,7 @@ def load_or_compute_c0(model, tok, text_path, layers, n_tokens, cache_dir, chunk
     if missing:
         t0 = time.perf_counter()
         if text is None:
+            log(f"C0: no corpus given: the model writes {n_tokens} tokens first (--stats-text FILE is faster)")
             text = generated_corpus(model, tok, n_tokens)
         fresh, n = key_second_moment(model, tok, text, missing, n_tokens, chunk)
         log(f"C0: layers {missing}, {n} tokens of {source}, {time.perf_counter() - t0:.0f} s")
@@ -536,7 +537,7 @@ class Editor(ev.Editor):
             t = time.perf_counter()
             with rewound(self.model, self.W0):                   # C0 is the unedited model's (step 5)
                 self.C0 = load_or_compute_c0(self.model, self.tokenizer, self.stats_text, self.s.layers,
-                                             self.s.stats_tokens, self.cache_dir)
+                                             self.s.stats_tokens, self.cache_dir, log=ev.say)
             self.timer["stats"] = self.timer.get("stats", 0.0) + time.perf_counter() - t
         rows, st = [], self.state
         for i in range(0, len(records), self.s.batch_size):

@@ -343,11 +343,12 @@ def test_without_a_corpus_c0_comes_from_text_the_model_generates(tiny_ckpt, tmp_
     assert len({tuple(s) for s in a}) == len(a)                                            # sampled, not greedy
     logs = []
     C0 = nse.load_or_compute_c0(model, tok, None, [0, 1], 300, tmp_path, log=logs.append)
-    assert "300 tokens of generated text" in logs[0] and torch.allclose(C0[0], C0[0].T)
+    assert "the model writes 300 tokens" in logs[0] and "300 tokens of generated text" in logs[1]
+    assert torch.allclose(C0[0], C0[0].T)
     again = nse.load_or_compute_c0(model, tok, None, [0, 1], 300, tmp_path, log=logs.append)
-    assert len(logs) == 1 and torch.equal(again[1], C0[1])                                  # cached
+    assert len(logs) == 2 and torch.equal(again[1], C0[1])                                  # cached
     other = nse.load_or_compute_c0(model, tok, tiny_ckpt / "corpus.txt", [0], 300, tmp_path, log=logs.append)
-    assert len(logs) == 2 and not torch.equal(other[0], C0[0])                              # a different key
+    assert len(logs) == 3 and not torch.equal(other[0], C0[0])                              # a different key
     # the command line, with no corpus at all (a fresh clone has no ../shared)
     p = subprocess.run([sys.executable, str(ROOT / "nse.py"), "--ckpt", str(tiny_ckpt / "ckpt"), "--edits",
                         str(tiny_ckpt / "edits.jsonl"), "--stats-tokens", "500", "--cache-dir", str(tmp_path / "c"),
