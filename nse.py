@@ -638,7 +638,8 @@ def demo(log=ev.say):
     import train_sft
     p = train_sft.ensure_demo(log=log)
     return ev.run(Editor, ["--ckpt", str(p["ckpt"]), "--edits", str(p["edits_cf"]), "--stats-text", str(p["corpus"]),
-                           "--batch-size", "10", "--layers", "0", "--alpha", "1", "--clamp", "2"], log=log)
+                           "--batch-size", "10", "--layers", "0", "--alpha", "1", "--clamp", "2",
+                           "--threads", "1"], log=log)                          # a tiny model: one thread
 
 
 def main(argv=None):

@@ -519,7 +519,7 @@ def demo(log=ev.say):
     """`python scen.py`: the demo world's QA edits, unedited vs FT vs SCEN."""
     p = train_sft.ensure_demo(log=log)
     base = ["--ckpt", str(p["ckpt"]), "--edits", str(p["edits_qa"]), "--loc", str(p["loc_qa"]), "--template", "llama2",
-            "--unrelated", str(p["unrelated_qa"]), *DEMO]
+            "--unrelated", str(p["unrelated_qa"]), "--threads", "1", *DEMO]        # a tiny model: one thread
     figs = dict(ev.run(Editor, base + ["--method", "ft"], log=lambda *_: None).sections)
     figs["scen"] = ev.run(Editor, base + ["--no-baseline"], log=lambda *_: None).sections["scen"]
     log(f"demo: {len(data.load_edits(p['edits_qa']))} sequential QA edits, tiny demo model")
