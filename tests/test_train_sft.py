@@ -193,3 +193,27 @@ def test_cli_init_tiny_split_and_errors(tmp_path, capsys):
         ts.main(["--init", "tiny", "--tokenizer", str(tmp_path / "tok"), "--data", str(bad), "--out", str(out)])
     with pytest.raises(SystemExit):
         ts.main(["--data", str(train), "--out", str(out)])             # neither --ckpt nor --init
+
+
+def test_both_no_argument_demos_run_end_to_end(tmp_path, monkeypatch, capsys):
+    """`python scen.py` and `python nse.py` with no arguments, on a small world and model (the real
+    demo trains for about a minute): each prints its table of figures."""
+    import nse
+    import scen
+    monkeypatch.setenv("EDIT_DEMO_CACHE", str(tmp_path / "demo"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(nse, "CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(ts, "DEMO_MODEL", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2))
+    monkeypatch.setattr(ts, "DEMO_TRAIN", replace(ts.DEMO_TRAIN, epochs=2, warmup=2))
+    full_world = data.demo_world
+    monkeypatch.setattr(data, "demo_world", lambda seed: full_world(seed, n_people=8, n_countries=2, cities_per_country=2,
+                                                                    n_orgs=2, n_edits=3))
+    monkeypatch.setattr(scen, "DEMO", ["--expert-steps", "5", "--neuron-steps", "50"])
+    figs = scen.main([])
+    assert set(figs) == {"unedited", "ft", "scen"}
+    out = capsys.readouterr().out
+    assert "Reliability (gen)" in out and "Locality (gen)" in out and "ft" in out and "scen" in out
+    rep = nse.main([])
+    assert {"unedited", "nse"} <= set(rep.sections) and "Efficacy" in rep.sections["nse"]
+    assert "Specificity" in capsys.readouterr().out
