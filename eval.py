@@ -768,9 +768,10 @@ def records_digest(records) -> str:
     return h.hexdigest()
 
 
-def progress(i: int, n: int, t0: float, done0: int, row: dict) -> str:
-    """One flushed line: edits done, edits/s, ETA, and the method's note on the last row."""
-    rate = (i - done0) / max(time.perf_counter() - t0, 1e-9)
+def progress(i: int, n: int, seconds: float, done0: int, row: dict) -> str:
+    """One flushed line: edits done, edits/s over the `seconds` the edits since done0 took (one-time
+    set-up such as NSE's C0 left out), ETA, and the method's note on the last row."""
+    rate = (i - done0) / max(seconds, 1e-9)
     eta = (n - i) / rate if rate > 0 else float("nan")
     return (f"edit {i}/{n}  {rate:.3f} edits/s  ETA {eta / 60:.1f} min"
             + (f"  | {row['note']}" if row.get("note") else ""))
@@ -872,13 +873,13 @@ def _edit_run(method, args, log):
             llama.write_json(out / "run.json", {**info, "unedited": rep.sections["unedited"]})
         log(table(rep.sections["unedited"], "unedited"))
     # 3. sequential edits, saved after every log row
-    done0, t0 = ed.n_edits, time.perf_counter()
+    done0, rows0 = ed.n_edits, len(ed.log)
     with rep.timer("editing"):
         for i in range(done0, len(records), ed.unit):
             rows = ed.edit(records[i:i + ed.unit])
             if out:
                 ed.save(out)
-            log(progress(ed.n_edits, len(records), t0, done0, rows[-1]))
+            log(progress(ed.n_edits, len(records), sum(r["seconds"] for r in ed.log[rows0:]), done0, rows[-1]))
     if out and hasattr(ed, "export"):
         with rep.timer("export"):
             dtype = ed.export(out / "model", tokenizer_dir=args.ckpt, dtype=args.export_dtype)
