@@ -563,18 +563,21 @@ def load_checkpoint(ckpt_dir, device="cpu", dtype=torch.float32) -> Llama:
     return model
 
 
+def weights_digest(named_tensors) -> bytes:
+    """A hash of (name, tensor) pairs: the names and the tensors' exact bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, p in named_tensors:
+        h.update(str(name).encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return h.digest()
+
+
 def layer_fingerprints(model, layers) -> dict:
     """{l: hash of the weights that determine layer l's keys (embeddings, blocks 0..l)}, each
     tensor hashed once (a 7B model's first 9 blocks are 3.6 GB)."""
-    def digest(module):
-        h = hashlib.blake2b(digest_size=16)
-        for name, p in module.named_parameters():
-            h.update(name.encode())
-            h.update(p.detach().contiguous().view(torch.uint8).numpy())
-        return h.digest()
-    chain, out = [digest(model.model.embed_tokens)], {}
+    chain, out = [weights_digest(model.model.embed_tokens.named_parameters())], {}
     for i in range(max(layers) + 1):
-        chain.append(digest(model.layers[i]))
+        chain.append(weights_digest(model.layers[i].named_parameters()))
         if i in layers:
             out[i] = hashlib.blake2b(b"".join(chain), digest_size=16).hexdigest()
     return out
@@ -1083,7 +1086,8 @@ def main(argv=None):
     ap.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
-    ap.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype (auto: float32 on cpu, bfloat16 elsewhere); compute is float32 on cpu")
+    ap.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                    help="weights dtype (auto: float32 on cpu, bfloat16 elsewhere); compute is float32 on cpu")
     args = ap.parse_args(argv)
     if not args.prompt.strip():
         ap.error("--prompt is empty")

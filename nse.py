@@ -505,11 +505,17 @@ class Editor(ev.Editor):
         self.contexts = context_templates(model, tokenizer, self.given.seed)
         self.W0 = {l: w.detach().clone() for l, w in self._weights(self.given).items()}
         self.C0, self.derived, self.timer = None, {}, {}
-        self.restore()
+        self._start()
 
     def _weights(self, s):
         layers = s.layers or default_layers(self.model.config.num_hidden_layers)
         return {l: self.model.layers[l].mlp.down_proj.weight for l in layers}
+
+    def _start(self):
+        """No edits yet: the given settings (derived ones are derived again), an empty state."""
+        self.s = replace(self.given, layers=list(self.W0))
+        self.state = EditState(self.W0, {})
+        self.log = self.state.log
 
     @classmethod
     def check_settings(cls, s, config, n_records=0):
@@ -523,9 +529,7 @@ class Editor(ev.Editor):
         """The original down projections back (the unedited model, bit for bit) and no edits."""
         for l, w in self._weights(self.given).items():
             w.data.copy_(self.W0[l])
-        self.s = replace(self.given, layers=list(self.W0))
-        self.state = EditState(self.W0, {})
-        self.log = self.state.log
+        self._start()
 
     @property
     def unit(self) -> int:
@@ -564,14 +568,16 @@ class Editor(ev.Editor):
         return [f"derived from the first batch: {json.dumps(self.derived)}",
                 f"requests left above upper_bound (never edited): {left}", f"time shares: {json.dumps(shares)}"]
 
-    # -- persistence: OUT/nse_state.safetensors (W0.l, Cp.l, W.l + settings and log), atomic ---
+    # -- persistence: OUT/nse_state.safetensors (W.l, Cp.l + settings and log), atomic ---------
+    # W0 is the checkpoint's own weights: the state keeps only its digest, load() checks it
     def save(self, out):
         t = {}
         for l, w in self._weights(self.s).items():
-            t[f"W0.{l}"], t[f"W.{l}"] = self.W0[l], w
+            t[f"W.{l}"] = w
             if l in self.state.Cp:
                 t[f"Cp.{l}"] = self.state.Cp[l]
         meta = {"settings": asdict(self.s), "given": asdict(self.given), "contexts": self.contexts,
+                "W0_digest": llama.weights_digest(sorted(self.W0.items())).hex(),
                 "template": [self.template.kind, self.template.system], "cache_dir": self.cache_dir,
                 "stats_text": self.stats_text and str(self.stats_text), "n_done": self.state.n_done,
                 "log": self.log, "derived": self.derived}
@@ -592,12 +598,12 @@ class Editor(ev.Editor):
         ed.given, ed.s = Settings(**meta["given"]), Settings(**meta["settings"])
         ed.contexts, ed.derived = meta["contexts"], meta["derived"]
         ed.stats_text, ed.cache_dir, ed.C0, ed.timer = meta["stats_text"], meta["cache_dir"], None, {}
-        ed.W0 = {l: t[f"W0.{l}"].to(model.device) for l in ed.s.layers}
         model.requires_grad_(False)
+        ed.W0 = {l: w.detach().clone() for l, w in ed._weights(ed.s).items()}
+        if llama.weights_digest(sorted(ed.W0.items())).hex() != meta["W0_digest"]:
+            raise EditError(f"{path}: the model is not the one these edits started from (the down projections "
+                            f"of layers {ed.s.layers} differ): load them on the unedited checkpoint")
         for l, w in ed._weights(ed.s).items():
-            if not torch.equal(w, ed.W0[l].to(w.dtype)):
-                raise EditError(f"{path}: layer {l}'s down projection is not the one these edits started "
-                                f"from: load them on the unedited checkpoint")
             w.data.copy_(t[f"W.{l}"])
         Cp = {l: t[f"Cp.{l}"] for l in ed.s.layers if f"Cp.{l}" in t}
         ed.state = EditState(ed.W0, Cp, meta["n_done"], meta["log"])
