@@ -852,7 +852,7 @@ def _edit_run(method, args, log):
         raise RunError(f"{args.ckpt}: the tokenizer has no end token (EOS) to end an answer")
     old = _check_out(out, args.resume, info)
     # 2. load, the editor (a resumed one from --out), the unedited figures
-    model, tok = llama.load(args.ckpt, args.device, args.dtype)
+    model = llama.load_model(args.ckpt, args.device, args.dtype)            # the tokenizer is loaded
     rep = Report(f"{method.name} sequential editing, {len(records)} records of {Path(args.edits).name}",
                  {**info, "device": args.device, "dtype": str(model.dtype), "threads": torch.get_num_threads()})
     if old is not None and method.saved(out):

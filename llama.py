@@ -1066,14 +1066,19 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.float32 if str(device).startswith("cpu") else torch.bfloat16
 
 
-def load(ckpt_dir, device="cpu", dtype=None):
-    """(model, tokenizer) of a checkpoint folder, with the project's one dtype rule: the weights are
-    held in `dtype` (default: float32 on a CPU, bfloat16 on an accelerator); activations are computed
-    in float32 on a CPU (bf16 matmuls are hundreds of times slower there) and in `dtype` elsewhere."""
+def load_model(ckpt_dir, device="cpu", dtype=None) -> Llama:
+    """The model of a checkpoint folder, with the project's one dtype rule: the weights are held in
+    `dtype` (default: float32 on a CPU, bfloat16 on an accelerator); activations are computed in
+    float32 on a CPU (bf16 matmuls are hundreds of times slower there) and in `dtype` elsewhere."""
     wd = default_dtype(device) if dtype in (None, "auto") else DTYPES.get(dtype, dtype)
     cd = torch.float32 if str(device).startswith("cpu") else wd
+    return Llama.from_pretrained(ckpt_dir, device=device, dtype=wd, compute_dtype=cd)
+
+
+def load(ckpt_dir, device="cpu", dtype=None):
+    """(model, tokenizer) of a checkpoint folder (load_model's dtype rule)."""
     tok = load_tokenizer(ckpt_dir)
-    return Llama.from_pretrained(ckpt_dir, device=device, dtype=wd, compute_dtype=cd), tok
+    return load_model(ckpt_dir, device, dtype), tok
 
 
 def main(argv=None):

@@ -26,7 +26,7 @@ def files(tmp_path_factory):
 
 
 def no_load(monkeypatch):
-    monkeypatch.setattr(llama, "load", lambda *a, **k: pytest.fail("the model was loaded before the error"))
+    monkeypatch.setattr(llama, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the error"))
     monkeypatch.setattr(llama.Llama, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("model loaded")))
 
 

@@ -89,8 +89,8 @@ def test_out_and_resume_rules_refuse_naming_the_reason(root, tmp_path, monkeypat
     scen.main(cli(root, out, "--no-baseline"))
     assert (out / "run.json").exists() and (out / "results.json").exists()
     loads = []
-    real = llama.load
-    monkeypatch.setattr(llama, "load", lambda *a, **k: loads.append(1) or real(*a, **k))
+    real = llama.load_model
+    monkeypatch.setattr(llama, "load_model", lambda *a, **k: loads.append(1) or real(*a, **k))
     for extra, msg in [((), "already holds a run: pass --resume"),
                        (("--resume", "--theta", "0.7"), "--resume: setting theta was 0.65, now 0.7"),
                        (("--resume", "--n", "1"), "--resume: records was"),

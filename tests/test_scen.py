@@ -186,7 +186,7 @@ def test_bad_settings():
 def test_cli_bad_inputs_fail_before_the_model_is_loaded(tmp_path, monkeypatch):
     ck = tiny_checkpoint(tmp_path / "ckpt")
     loads = []
-    monkeypatch.setattr(llama, "load", lambda *a, **k: loads.append(a) or pytest.fail("model loaded"))
+    monkeypatch.setattr(llama, "load_model", lambda *a, **k: loads.append(a) or pytest.fail("model loaded"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "Q?", "target_new": "A"}\n{"prompt": "Q2?"}\n')
     good = tmp_path / "good.jsonl"
