@@ -864,7 +864,6 @@ def demo_world(seed: int = 0, n_people: int = 60, n_countries: int = 5, cities_p
         if facts[i].subject not in used and len(chosen) < n_edits:
             chosen.append(i)
             used.add(facts[i].subject)
-    edited = set(chosen)
     unedited = [i for i in range(len(facts)) if facts[i].subject not in used]
     edits_qa, edits_cf = [], []
     for i in chosen:

@@ -549,21 +549,25 @@ def setting(default, help: str, **meta):
     return field(default=default, metadata={"help": help, **meta})
 
 
-BOUNDS = {"min": (lambda v, b: v >= b, ">="), "max": (lambda v, b: v <= b, "<="),
-          "gt": (lambda v, b: v > b, ">"), "lt": (lambda v, b: v < b, "<")}
+BOUNDS = {"min": (lambda v, b: v >= b, ">=", "["), "gt": (lambda v, b: v > b, ">", "("),
+          "max": (lambda v, b: v <= b, "<=", "]"), "lt": (lambda v, b: v < b, "<", ")")}
 
 
 def check_bounds(s) -> None:
-    """Every field of a Settings dataclass within its declared choices and bounds (None = unset)."""
+    """Every field of a Settings dataclass within its declared choices and bounds (None = unset);
+    the message gives the interval when the field has both ends, e.g. "theta 2.0: must be in (0, 1)"."""
     for f in fields(s):
         v = getattr(s, f.name)
         if v is None:
             continue
         if "choices" in f.metadata and v not in f.metadata["choices"]:
             raise RunError(f"{f.name} {v!r}: must be one of {', '.join(map(str, f.metadata['choices']))}")
-        for key, (ok, word) in BOUNDS.items():
-            if key in f.metadata and not all(ok(x, f.metadata[key]) for x in (v if isinstance(v, list) else [v])):
-                raise RunError(f"{f.name} {v}: must be {word} {f.metadata[key]}")
+        ends = [(k, f.metadata[k]) for k in BOUNDS if k in f.metadata]
+        if not all(BOUNDS[k][0](x, b) for k, b in ends for x in (v if isinstance(v, list) else [v])):
+            if len(ends) == 2:
+                (lo, a), (hi, b) = ends
+                raise RunError(f"{f.name} {v}: must be in {BOUNDS[lo][2]}{a}, {b}{BOUNDS[hi][2]}")
+            raise RunError(f"{f.name} {v}: must be {BOUNDS[ends[0][0]][1]} {ends[0][1]}")
 
 
 def as_records(records=None, *, prompts=None, target_new=None, subject=None) -> list:
@@ -646,7 +650,7 @@ class Editor:
 
     # -- what the run harness asks of a method (defaults: nothing beyond the edits) -----------
     @classmethod
-    def check_settings(cls, s, config, n_records: int = 0) -> None:
+    def check_settings(cls, s, config) -> None:
         """Refuse settings that cannot work on this checkpoint (config.json), naming the field."""
         check_bounds(s)
 
@@ -833,7 +837,7 @@ def _edit_run(method, args, log):
         raise RunError(f"--n {args.n}: {args.edits} holds {len(records)} records")
     loc = data.load_edits(args.loc) if args.loc else None
     settings = settings_from(method, args)
-    method.check_settings(settings, cfg, len(records))
+    method.check_settings(settings, cfg)
     inputs = method.inputs_from(args, records)
     task = guess_task(records, args.format)
     tname = args.template or ("raw" if task == "counterfact" else method.default_template)

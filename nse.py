@@ -518,8 +518,8 @@ class Editor(ev.Editor):
         self.log = self.state.log
 
     @classmethod
-    def check_settings(cls, s, config, n_records=0):
-        super().check_settings(s, config, n_records)
+    def check_settings(cls, s, config):
+        super().check_settings(s, config)
         L = config.num_hidden_layers
         if s.layers is not None and (sorted(set(s.layers)) != s.layers or not all(0 <= l < L for l in s.layers)
                                      or not s.layers):

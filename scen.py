@@ -52,7 +52,7 @@ class Settings:
     layer: int | None = setting(None, "edited layer (default: round(depth * number of layers))")
     depth: float = setting(0.8, "default layer's depth fraction (paper: 20/32; 0.8 measured better on SmolLM2)",
                            gt=0, max=1)
-    theta: float = setting(0.65, "routing threshold (eq. 11)")
+    theta: float = setting(0.65, "routing threshold (eq. 11)", gt=0, lt=1)
     expert_lr: float = setting(1e-3, "expert Adam lr (paper/code: 1e-4)", gt=0)
     expert_steps: int = setting(60, "expert steps (paper: exactly 10); a cap with expert_until", min=0)
     expert_until: bool = setting(True, "true/false: stop when every target token is argmax and NLL < expert_nll")
@@ -329,7 +329,7 @@ class Editor(ev.Editor):
         if s.layer is None:
             s = replace(s, layer=default_layer(model.config.num_hidden_layers, s.depth))
         self.s = s
-        self.check_settings(s, model.config, 0)
+        self.check_settings(s, model.config)
         model.requires_grad_(False)
         self.base = model.layers[s.layer].mlp.down_proj
         self.unrelated = list(UNRELATED if unrelated is None else unrelated)
@@ -338,13 +338,11 @@ class Editor(ev.Editor):
         self.restore()
 
     @classmethod
-    def check_settings(cls, s, config, n_records=0):
-        super().check_settings(s, config, n_records)
+    def check_settings(cls, s, config):
+        super().check_settings(s, config)
         L = config.num_hidden_layers
         if s.layer is not None and not 0 <= s.layer < L:
             raise ev.RunError(f"layer {s.layer} is out of range: the model has layers 0..{L - 1}")
-        if not 0 < s.theta < 1:
-            raise ev.RunError(f"theta {s.theta} must be in (0, 1)")
 
     def restore(self):
         """The original down projection back in the model (its logits are the unedited model's, bit

@@ -35,7 +35,7 @@ def no_load(monkeypatch):
     (["--threads", "0"], "--threads: must be >= 1, got 0"),
     (["--batch-size", "0"], "batch_size 0: must be >= 1"),
     (["--stats-tokens", "0"], "stats_tokens 0: must be >= 1"),
-    (["--neuron-threshold", "1.5"], "neuron_threshold 1.5: must be <= 1"),
+    (["--neuron-threshold", "1.5"], "neuron_threshold 1.5: must be in (0, 1]"),
     (["--layers", "0,7"], "layers [0, 7]: must be ascending layer indices below 3"),
     (["--n", "5"], "--n 5: "),
     (["--n", "0"], "--n: must be >= 1, got 0"),

@@ -195,7 +195,7 @@ def test_cli_bad_inputs_fail_before_the_model_is_loaded(tmp_path, monkeypatch):
     for argv, msg in [(["--ckpt", str(ck), "--edits", str(bad)], r"bad.jsonl:2: target_new"),
                       (["--ckpt", str(ck), "--edits", str(tmp_path / "missing.json")], "not found|no such file|cannot read"),
                       (["--ckpt", str(tmp_path / "nowhere"), "--edits", str(good)], "nowhere"),
-                      (base + ["--theta", "2"], "theta 2.0 must be in"),
+                      (base + ["--theta", "2"], r"theta 2.0: must be in \(0, 1\)"),
                       (base + ["--layer", "3"], "layer 3 is out of range"),
                       (base + ["--unrelated", str(bad)], r"bad.jsonl:2"),
                       (base + ["--loc", str(tmp_path / "missing.json")], "missing.json"),
