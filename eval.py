@@ -764,12 +764,9 @@ def settings_from(method, args):
     return method.Settings(**{**base, **given})
 
 
-def records_digest(records) -> str:
-    """A fingerprint of the edit records (their content, not the file's name)."""
-    h = hashlib.blake2b(digest_size=16)
-    for r in records:
-        h.update(json.dumps(r.to_dict(), sort_keys=True, default=str).encode())
-    return h.hexdigest()
+def digest(obj) -> str:
+    """A fingerprint of anything JSON can write: edit records' content, a list of prompts."""
+    return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
 
 
 def progress(i: int, n: int, seconds: float, done0: int, row: dict) -> str:
@@ -788,7 +785,7 @@ def say(msg: str) -> None:
 def _key(v) -> str:
     """How an input is compared on --resume: a list by its content's digest, else its text."""
     if isinstance(v, (list, tuple)):
-        return "sha:" + hashlib.blake2b(json.dumps(v, default=str).encode(), digest_size=16).hexdigest()
+        return "sha:" + digest(v)
     return str(Path(v).resolve()) if isinstance(v, Path) else str(v)
 
 
@@ -843,9 +840,9 @@ def _edit_run(method, args, log):
     tname = args.template or ("raw" if task == "counterfact" else method.default_template)
     out = Path(args.out) if args.out else None
     info = {"method": method.name, "settings": asdict(settings), "ckpt": str(Path(args.ckpt).resolve()),
-            "edits": str(Path(args.edits).resolve()), "records": records_digest(records), "n": len(records),
-            "loc": records_digest(loc) if loc else None, "template": tname, "system": args.system,
-            "inputs": {k: _key(v) for k, v in inputs.items()}}
+            "edits": str(Path(args.edits).resolve()), "records": digest([r.to_dict() for r in records]),
+            "n": len(records), "loc": digest([r.to_dict() for r in loc]) if loc else None, "template": tname,
+            "system": args.system, "inputs": {k: _key(v) for k, v in inputs.items()}}
     tok = llama.load_tokenizer(args.ckpt)
     try:
         template = data.template_for(tok, tname, args.system)
