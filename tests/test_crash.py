@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_checkpoint
+from conftest import edit_files
 
 import llama
 import nse
@@ -20,14 +20,7 @@ class Killed(BaseException):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    r = tmp_path_factory.mktemp("crash")
-    tiny_checkpoint(r / "ckpt")
-    recs = [{"prompt": f"{s} lives in", "subject": s, "target_new": t, "target_true": "Rome",
-             "rephrases": [f"The home of {s} is"], "locality": [["Ed Lu lives in", "Rome"]]}
-            for s, t in [("Kim Lo", "Oslo"), ("Ann Pi", "Lima")]]
-    (r / "edits.jsonl").write_text("\n".join(json.dumps(x) for x in recs) + "\n")
-    (r / "corpus.txt").write_text("the cat sat on the mat. a dog ran in the park.\n" * 40)
-    return r
+    return edit_files(tmp_path_factory.mktemp("crash"))
 
 
 def argv(method, files, out):

@@ -1,11 +1,10 @@
 """Bad input: one line naming the flag, field or file, exit code 1 or 2, before the model is loaded."""
-import json
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, tiny_checkpoint
+from conftest import ROOT, edit_files
 
 import eval as ev
 import llama
@@ -15,11 +14,7 @@ import scen
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    r = tmp_path_factory.mktemp("errors")
-    tiny_checkpoint(r / "ckpt")
-    recs = [{"prompt": f"{s} lives in", "subject": s, "target_new": "Oslo", "target_true": "Rome"} for s in ("Kim", "Ann")]
-    (r / "edits.jsonl").write_text("\n".join(json.dumps(x) for x in recs) + "\n")
-    (r / "corpus.txt").write_text("the cat sat on the mat.\n" * 20)
+    r = edit_files(tmp_path_factory.mktemp("errors"))
     (r / "bad_ckpt").mkdir()
     (r / "bad_ckpt" / "config.json").write_text('{"hidden_size": 32}')
     return r
@@ -30,39 +25,30 @@ def no_load(monkeypatch):
     monkeypatch.setattr(llama.Llama, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("model loaded")))
 
 
-@pytest.mark.parametrize("extra, msg", [
-    (["--layers", "4,x"], "expected comma-separated integers such as 4,5,6, got '4,x'"),
-    (["--threads", "0"], "--threads: must be >= 1, got 0"),
-    (["--batch-size", "0"], "batch_size 0: must be >= 1"),
-    (["--stats-tokens", "0"], "stats_tokens 0: must be >= 1"),
-    (["--neuron-threshold", "1.5"], "neuron_threshold 1.5: must be in (0, 1]"),
-    (["--layers", "0,7"], "layers [0, 7]: must be ascending layer indices below 3"),
-    (["--n", "5"], "--n 5: "),
-    (["--n", "0"], "--n: must be >= 1, got 0"),
-    (["--stats-text", "nowhere.txt"], "--stats-text nowhere.txt: file not found"),
+@pytest.mark.parametrize("method, extra, msg", [
+    ("nse", ["--layers", "4,x"], "expected comma-separated integers such as 4,5,6, got '4,x'"),
+    ("nse", ["--threads", "0"], "--threads: must be >= 1, got 0"),
+    ("nse", ["--batch-size", "0"], "batch_size 0: must be >= 1"),
+    ("nse", ["--stats-tokens", "0"], "stats_tokens 0: must be >= 1"),
+    ("nse", ["--neuron-threshold", "1.5"], "neuron_threshold 1.5: must be in (0, 1]"),
+    ("nse", ["--layers", "0,7"], "layers [0, 7]: must be ascending layer indices below 3"),
+    ("nse", ["--n", "5"], "--n 5: "),
+    ("nse", ["--n", "0"], "--n: must be >= 1, got 0"),
+    ("nse", ["--stats-text", "nowhere.txt"], "--stats-text nowhere.txt: file not found"),
+    ("scen", ["--layer", "99"], "layer 99 is out of range"),
+    ("scen", ["--n", "20"], "--n 20: "),
+    ("scen", ["--expert-lr", "0"], "expert_lr 0.0: must be > 0"),
+    ("scen", ["--method", "rome"], "invalid choice: 'rome'"),
 ])
-def test_nse_errors_come_before_loading(files, monkeypatch, capsys, extra, msg):
+def test_errors_come_before_loading_in_one_line(files, monkeypatch, capsys, method, extra, msg):
     no_load(monkeypatch)
-    base = ["--ckpt", str(files / "ckpt"), "--edits", str(files / "edits.jsonl"), "--stats-text",
-            str(files / "corpus.txt")]
+    base = ["--ckpt", str(files / "ckpt"), "--edits", str(files / "edits.jsonl")]
+    if method == "nse":
+        base += ["--stats-text", str(files / "corpus.txt")]
     with pytest.raises(SystemExit) as e:
-        nse.main(base + extra)
+        {"nse": nse, "scen": scen}[method].main(base + extra)
     text = str(e.value.code) if not isinstance(e.value.code, int) else capsys.readouterr().err
     assert msg in text and text.strip().count("\n") == 0
-
-
-@pytest.mark.parametrize("extra, msg", [
-    (["--layer", "99"], "layer 99 is out of range"),
-    (["--n", "20"], "--n 20: "),
-    (["--expert-lr", "0"], "expert_lr 0.0: must be > 0"),
-    (["--method", "rome"], "invalid choice: 'rome'"),
-])
-def test_scen_errors_come_before_loading(files, monkeypatch, capsys, extra, msg):
-    no_load(monkeypatch)
-    with pytest.raises(SystemExit) as e:
-        scen.main(["--ckpt", str(files / "ckpt"), "--edits", str(files / "edits.jsonl")] + extra)
-    text = str(e.value.code) if not isinstance(e.value.code, int) else capsys.readouterr().err
-    assert msg in text
 
 
 def test_bad_checkpoint_is_one_line_for_every_command(files):

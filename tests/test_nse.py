@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, tiny_checkpoint, tiny_model
+from conftest import ROOT, edit_files, tiny_model
 
 import data
 import llama
@@ -217,13 +217,8 @@ def test_c0_cache_reuses_and_invalidates(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """A tiny checkpoint with a tokenizer.json, an edit file and a corpus, for the CLI."""
-    root = tmp_path_factory.mktemp("nse_cli")
-    tiny_checkpoint(root / "ckpt")
-    recs = [{"prompt": f"{s} lives in", "subject": s, "target_new": t, "target_true": "Rome",
-             "rephrases": [f"The home of {s} is"], "locality": [["Ed Lu lives in", "Rome"]]}
-            for s, t in [("Kim Lo", "Oslo"), ("Ann Pi", "Lima"), ("Joe Wu", "Baku"), ("Tim Ka", "Riga")]]
-    (root / "edits.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
-    (root / "corpus.txt").write_text("the cat sat on the mat. a dog ran in the park.\n" * 60)
+    root = edit_files(tmp_path_factory.mktemp("nse_cli"),
+                      [("Kim Lo", "Oslo"), ("Ann Pi", "Lima"), ("Joe Wu", "Baku"), ("Tim Ka", "Riga")])
     return root
 
 
