@@ -440,14 +440,18 @@ class Editor(ev.Editor):
         c = None if self.router is None or self.router.choice is None else self.router.choice[0].item()
         return None if c is None else f"[routed to expert {c + 1}]" if c >= 0 else "[no expert fired: original weights]"
 
-    # -- persistence: OUT/experts/expert_00001.safetensors ..., state_0000t.safetensors, scen.json --
+    # -- persistence: OUT/unrelated.safetensors (once), experts/expert_00001.safetensors ...,
+    #    state_0000t.safetensors, scen.json ---------------------------------------------------------
     def save(self, out):
         """Commit edit t to OUT as a whole: the experts made since the last save there and a new
-        state file (W_merge, b and the cached features, or FT's weight) under new names, then
+        state file (W_merge, b and the edits' cached features, or FT's weight) under new names, then
         scen.json (settings, template, log, the state file's name) as the manifest, written last;
-        then what the manifest does not name (an older state, experts past t) is removed."""
+        then what the manifest does not name (an older state, experts past t) is removed. The
+        unrelated prompts' features never change: they are written once."""
         out, t = Path(out), len(self.log)
-        tensors = {"U": torch.stack(self.U) if self.U else self.U_unrel[:0], "U_unrel": self.U_unrel}
+        if not (out / "unrelated.safetensors").exists():
+            llama.write_safetensors(out / "unrelated.safetensors", {"U_unrel": self.U_unrel})
+        tensors = {"U": torch.stack(self.U) if self.U else self.U_unrel[:0]}
         scen = self.router is not None
         tensors.update({"W": self.router.W, "b": self.router.b} if scen else {"weight": self.ft.weight})
         for k in range(self.saved_n.get(str(out), 0), t if scen else 0):
@@ -477,7 +481,7 @@ class Editor(ev.Editor):
         ed.s, ed.base, ed.unrelated = s, model.layers[s.layer].mlp.down_proj, st["unrelated"]
         dev = str(model.device)
         x = load_file(str(out / st["state"]), device=dev)
-        ed.U_unrel = x["U_unrel"]
+        ed.U_unrel = load_file(str(out / "unrelated.safetensors"), device=dev)["U_unrel"]
         ed.restore()
         ed.log, ed.U, ed.saved_n = st["log"], list(x["U"]), {str(out): t}
         if s.method == "scen":
