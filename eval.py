@@ -518,12 +518,8 @@ class Report:
 
 
 def table(figures: dict, title: str | None = None) -> str:
-    """A plain-text table of figures for the terminal."""
-    rows = [(k, f"{f['value']:.2f}" if isinstance(f["value"], float) else str(f["value"]), str(f.get("n", "")))
-            for k, f in figures.items()]
-    w = max([len(r[0]) for r in rows] + [6])
-    head = [title] if title else []
-    return "\n".join(head + [f"{k:<{w}}  {v:>8}  n={n}" for k, v, n in rows])
+    """One section of figures for the terminal, under a title line."""
+    return "\n".join(([title] if title else []) + [side_by_side({"value": figures})])
 
 
 def side_by_side(sections: dict, prefixes=None) -> str:
@@ -872,7 +868,7 @@ def _edit_run(method, args, log):
             rep.add("unedited", evaluate(ed.eval_model()))
         if out:
             llama.write_json(out / "run.json", {**info, "unedited": rep.sections["unedited"]})
-        log(table(rep.sections["unedited"], "unedited"))
+        log(side_by_side({"unedited": rep.sections["unedited"]}))
     # 3. sequential edits, saved after every log row
     done0, rows0 = ed.n_edits, len(ed.log)
     with rep.timer("editing"):

@@ -616,7 +616,8 @@ class Editor(ev.Editor):
         model in memory is rounded to it too, so what is evaluated next is what was written."""
         dtype = llama.DTYPES.get(dtype or self.model.config.torch_dtype, self.model.dtype)
         for p in self.model.parameters():
-            p.data.copy_(p.data.to(dtype))                       # round in place, one tensor at a time
+            if p.dtype != dtype:
+                p.data.copy_(p.data.to(dtype))                   # round in place, one tensor at a time
         tokenizer_dir = tokenizer_dir or getattr(self.tokenizer, "source_dir", None)
         self.model.save_pretrained(out_dir, tokenizer_dir=tokenizer_dir, dtype=dtype)
         return dtype
