@@ -154,16 +154,17 @@ def _edit_and_measure(method, identity_prior=False):
     held = torch.tensor([TOK.encode(t)[:40] for t in lines[300:]])
     with torch.no_grad():
         before = model(held).softmax(-1)
-    hp = hp_for(model, layers=[0, 1], lam=1.0, method=method, kl_factor=0.0)
+    hp = hp_for(model, layers=[0, 1], lam=1.0, method=method, kl_factor=0.0, l2=1e-3)
+    P = {l: nse.null_space_projector(C0[l], C0[l].diagonal().mean().item()) for l in C0}
     state = nse.EditState.fresh(model, [0, 1])
-    log = nse.edit_batch(model, TOK, recs, TEMPLATES, hp, state, C0, {})
+    log = nse.edit_batch(model, TOK, recs, TEMPLATES, hp, state, C0, {}, P)
     with torch.no_grad():
         tv = 0.5 * (model(held).softmax(-1) - before).abs().sum(-1)           # per position
     assert state.Cp[0].abs().sum() > 0                                        # Cp accumulated
     return [_margin(model, r) for r in recs], tv.mean().item(), log
 
 
-@pytest.mark.parametrize("method", ["nse", "memit"])
+@pytest.mark.parametrize("method", ["nse", "memit", "alphaedit"])
 def test_edit_batch_makes_targets_win_and_unrelated_prompts_barely_move(method):
     margins, tv, log = _edit_and_measure(method)
     assert all(m > 0 for m in margins), log
@@ -172,6 +173,42 @@ def test_edit_batch_makes_targets_win_and_unrelated_prompts_barely_move(method):
         assert log["passes"][0]["edited"] == 2 and log["left_above_upper"] == []
         _, tv_identity, _ = _edit_and_measure(method, identity_prior=True)
         assert tv < 0.5 * tv_identity          # C0 is what protects unrelated text
+
+
+def _preserved_keys(F=32, rank=20, n=400, seed=0):
+    """n keys that live (up to 1e-6 noise) in a random rank-`rank` subspace of R^F, and their C0."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(F, rank, generator=g, dtype=torch.float64))[0]      # (F, rank)
+    K0 = basis @ torch.randn(rank, n, generator=g, dtype=torch.float64) + 1e-6 * torch.randn(F, n, generator=g, dtype=torch.float64)
+    return K0, basis, K0 @ K0.T / n
+
+
+def test_null_space_projector_is_idempotent_and_annihilates_the_preserved_keys():
+    K0, basis, C0 = _preserved_keys()
+    P = nse.null_space_projector(C0, threshold=1e-8)
+    assert torch.allclose(P @ P, P, atol=1e-10) and torch.allclose(P, P.T, atol=1e-12)
+    assert round(torch.trace(P).item()) == 32 - 20                     # the null space: the 12 unused directions
+    assert (P @ basis).norm() < 1e-5 * basis.norm()                    # the preserved directions are annihilated
+    assert (P @ K0).norm() < 1e-5 * K0.norm()                          # (up to the keys own noise)
+
+
+def test_alphaedit_update_keeps_preserved_outputs_and_moves_the_edited_keys():
+    K0, basis, C0 = _preserved_keys()
+    P = nse.null_space_projector(C0, threshold=1e-8)
+    g = torch.Generator().manual_seed(1)
+    K1 = torch.randn(32, 3, generator=g, dtype=torch.float64)         # new keys, partly outside the preserved span
+    R = torch.randn(16, 3, generator=g, dtype=torch.float64)          # residuals z - h they must realise
+    dW = nse.solve_projected_update(R, K1, P, None, l2=1e-6)           # (D, F)
+    assert dW.shape == (16, 32)
+    assert (dW @ K0).norm() < 1e-5 * (dW @ K1).norm()                   # W k0 unchanged (to the keys noise)
+    assert (dW @ basis).norm() < 1e-6 * dW.norm()
+    assert (dW @ K1 - R).norm() < 1e-3 * R.norm()                      # the edited keys reach their targets
+    # MEMIT's update for the same request does move the preserved outputs
+    dW_memit = nse.solve_update(R, K1, C0.clone(), None, 1e-6)
+    assert (dW_memit @ K0).norm() > 10 * (dW @ K0).norm()
+    # a larger ridge realises less of the residual; with Cp the earlier keys are held too
+    far = nse.solve_projected_update(R, K1, P, None, l2=10.0)
+    assert (far @ K1 - R).norm() > (dW @ K1 - R).norm()
 
 
 def test_requests_above_upper_bound_are_reported_not_dropped_silently():
@@ -254,11 +291,12 @@ def test_bad_layers_and_missing_corpus_are_refused_before_loading(tiny_ckpt):
     assert p.returncode != 0 and "nowhere.txt: file not found" in p.stderr
 
 
-def test_save_and_resume_reproduce_the_weights(tiny_ckpt, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["nse", "alphaedit"])
+def test_save_and_resume_reproduce_the_weights(tiny_ckpt, tmp_path, monkeypatch, method):
     args = ["--ckpt", str(tiny_ckpt / "ckpt"), "--edits", str(tiny_ckpt / "edits.jsonl"),
             "--stats-text", str(tiny_ckpt / "corpus.txt"), "--stats-tokens", "1000", "--cache-dir",
             str(tiny_ckpt / "cache"), "--layers", "0,1", "--no-fluency", "--threads", "2", "--v-steps", "8",
-            "--batch-size", "2"]
+            "--method", method, "--batch-size", "2"]
     nse.main(args + ["--out", str(tmp_path / "full")])
     full = nse.load_file(str(tmp_path / "full" / "nse_state.safetensors"))
     real, calls = nse.edit_batch, []
@@ -276,7 +314,7 @@ def test_save_and_resume_reproduce_the_weights(tiny_ckpt, tmp_path, monkeypatch)
     assert not (tmp_path / "part" / "model").exists()              # exported once, at the end
     monkeypatch.setattr(nse, "edit_batch", real)
     rep = nse.main(args + ["--out", str(tmp_path / "part"), "--resume"])
-    assert "Efficacy" in rep.sections["nse"] and len(calls) == 2
+    assert "Efficacy" in rep.sections[method] and len(calls) == 2
     again = nse.load_file(str(tmp_path / "part" / "nse_state.safetensors"))
     for k in full:
         assert torch.equal(full[k], again[k]), k
@@ -285,7 +323,7 @@ def test_save_and_resume_reproduce_the_weights(tiny_ckpt, tmp_path, monkeypatch)
     assert torch.equal(edited.layers[1].mlp.down_proj.weight, full["W.1"])
     assert not torch.equal(full["W.1"], llama.Llama.from_pretrained(tiny_ckpt / "ckpt").layers[1].mlp.down_proj.weight)
     out = json.loads((tmp_path / "full" / "results.json").read_text())
-    assert "Efficacy" in out["results"]["nse"] and "Efficacy" in out["results"]["unedited"]
+    assert "Efficacy" in out["results"][method] and "Efficacy" in out["results"]["unedited"]
     with pytest.raises(SystemExit, match="--resume: setting batch_size was 2, now 1"):
         nse.main(args[:-1] + ["1", "--out", str(tmp_path / "part"), "--resume"])
 
