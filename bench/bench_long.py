@@ -1,0 +1,237 @@
+"""
+bench_long.py: NSE, MEMIT and AlphaEdit over a long sequence of CounterFact edits (issue: NSE at the
+paper's scale), one method per process, resumable, one JSON per method.
+
+    B="python bench/bench_long.py --ckpt /work/models/smollm2 --n 1000 --batch-size 100 --threads 1"
+    $B --method nse &  $B --method alphaedit &      # side by side, one thread each; later: memit
+    python bench/bench_long.py --plot               # table + PNG from the JSONs (needs matplotlib)
+
+Records: the first --n of counterfact-edit.json (settings were chosen on counterfact-train; nothing
+here was tuned on these records). Every method uses nse.Editor with its derived defaults (layers 4-8
+on SmolLM2; lambda, alpha, upper_bound, AlphaEdit's threshold and l2 derived from the first batch).
+
+After every batch (cheap): Efficacy of the first 100 edits (retention), the batch's own Efficacy,
+the Frobenius norm of each edited W_down relative to the original (||W|| / ||W0|| and
+||W - W0|| / ||W0||), residuals left, seconds. Every --eval-every edits and at the end: Efficacy /
+Generalization / Specificity on all edits so far, Fluency (ROME n-gram entropy of 100 sampled tokens
+after the prompts of the first --fluency-n edits) and WikiText-2 perplexity on held-out text: the
+tail of wikitext-2-raw-test.txt that C0's 200k tokens never reach (--ppl-chars characters).
+
+Resume: the editor's state is saved in --run-dir after each batch (nse.Editor.save, atomic) and the
+JSON is written after it (atomic); a process killed at any instant resumes from the state, and the
+figures of a batch whose state was saved but whose JSON row was not are computed on resume (they
+depend only on the model after that batch).
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+import eval as evaluation  # noqa: E402
+import llama  # noqa: E402
+import nse  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+RESULTS = ROOT / "bench" / "results"
+
+
+def machine(threads: int) -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "threads": threads, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def held_out_passages(path: Path, n_chars: int, tok, max_tokens: int = 512) -> list[tuple[str, str]]:
+    """The last n_chars of the corpus as (prompt "", passage) pairs of at most max_tokens tokens."""
+    text = path.read_text(encoding="utf-8")[-n_chars:]
+    text = text[text.index("\n") + 1:]                          # start at a line boundary
+    out, cur = [], []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        cur.append(line)
+        if len(tok.encode(" ".join(cur))) >= max_tokens:
+            out.append(("", " ".join(cur)))
+            cur = []
+    return out
+
+
+def norms(ed) -> dict:
+    out = {}
+    for l, w in ed._weights(ed.s).items():
+        w0 = ed.W0[l].float()
+        out[str(l)] = {"rel_norm": (w.float().norm() / w0.norm()).item(),
+                       "rel_change": ((w.float() - w0).norm() / w0.norm()).item()}
+    return out
+
+
+def cheap_figures(ed, tok, records, n_done, batch) -> dict:
+    em = ed.eval_model()
+    first = evaluation.evaluate_counterfact(em, tok, records[:min(100, n_done)], with_fluency=False)
+    last = evaluation.evaluate_counterfact(em, tok, records[n_done - batch:n_done], with_fluency=False)
+    return {"retention_efficacy_first100": first["Efficacy"]["value"],
+            "batch_efficacy": last["Efficacy"]["value"], "norms": norms(ed)}
+
+
+def full_figures(em, tok, records, fluency_records, passages) -> dict:
+    t = time.perf_counter()
+    out = {k: v["value"] for k, v in evaluation.evaluate_counterfact(em, tok, records, with_fluency=False).items()}
+    flu = evaluation.evaluate_counterfact(em, tok, fluency_records, with_fluency=True)["Fluency"]["value"]
+    ppl = evaluation.evaluate_perplexity(em, tok, passages, name="PPL")
+    out.update({"Fluency": flu, "WikiText-2 PPL": ppl["PPL (token-weighted)"]["value"],
+                "eval_seconds": time.perf_counter() - t})
+    return out
+
+
+def write(path: Path, res: dict) -> None:
+    data.atomic_write_text(path, json.dumps(res, indent=1) + "\n")
+
+
+def run(args):
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    out = Path(args.out or RESULTS / f"long_{args.method}_n{args.n}.json")
+    run_dir = Path(args.run_dir or f"/work/runs/long_{args.method}_n{args.n}")
+    records = data.load_edits(args.edits, n=args.n)
+    if len(records) < args.n:
+        raise SystemExit(f"--edits {args.edits}: {len(records)} records, --n {args.n} asked")
+    model, tok = llama.load(args.ckpt, "cpu", torch.float32)
+    passages = held_out_passages(Path(args.ppl_text), args.ppl_chars, tok)
+    fluency_records = records[:args.fluency_n]
+    settings = nse.Settings(method=args.method, batch_size=args.batch_size)
+    if out.exists() and nse.Editor.saved(run_dir):
+        res = json.loads(out.read_text())
+        ed = nse.Editor.load(run_dir, model, tok)
+        print(f"resuming at {ed.state.n_done} edits", flush=True)
+    else:
+        ed = nse.Editor(model, tok, settings, template="raw", stats_text=args.stats_text, cache_dir=args.cache_dir)
+        res = {"method": args.method, "ckpt": str(args.ckpt), "edits": str(args.edits), "n": args.n,
+               "batch_size": args.batch_size, "records_digest": evaluation.digest([r.prompt for r in records]),
+               "machine": machine(args.threads), "protocol": {
+                   "E/G/S": "eval.evaluate_counterfact: mean per-token NLL comparison (ROME/NSE), on all edits so far",
+                   "retention": "Efficacy of the first 100 edits", "Fluency": f"ROME n-gram entropy x100, "
+                   f"100 tokens top-5 sampled after the prompts of the first {args.fluency_n} edits",
+                   "WikiText-2 PPL": f"token-weighted perplexity of {len(passages)} passages (<=512 tokens) "
+                   f"from the last {args.ppl_chars} characters of {Path(args.ppl_text).name}, "
+                   "text C0 never sees"}, "rows": [], "evals": []}
+        t = time.perf_counter()
+        em = ed.eval_model()
+        res["unedited"] = full_figures(em, tok, records, fluency_records, passages)
+        res["unedited"]["retention_efficacy_first100"] = evaluation.evaluate_counterfact(
+            em, tok, records[:100], with_fluency=False)["Efficacy"]["value"]
+        print(f"unedited: {res['unedited']} ({time.perf_counter() - t:.0f} s)", flush=True)
+        write(out, res)
+    done_rows = res["rows"][-1]["n_done"] if res["rows"] else 0
+    while True:
+        n_done = ed.state.n_done
+        if n_done > done_rows:                                   # state saved, figures not yet
+            row = {"n_done": n_done, "seconds": ed.log[-1]["seconds"], "batch_log": {
+                k: ed.log[-1].get(k) for k in ("note", "left_above_upper")}, "time_shares": dict(ed.timer)}
+            row.update(cheap_figures(ed, tok, records, n_done, args.batch_size))
+            res["rows"].append(row)
+            if n_done % args.eval_every == 0 or n_done == args.n:
+                ev_row = {"n_done": n_done, **full_figures(ed.eval_model(), tok, records[:n_done], fluency_records,
+                                                           passages)}
+                res["evals"].append(ev_row)
+                print(f"eval at {n_done}: {ev_row}", flush=True)
+            res["derived"], res["settings_used"] = ed.derived, ed.s.__dict__
+            write(out, res)
+            done_rows = n_done
+            print(f"{n_done}/{args.n} edits, batch {row['seconds']:.0f} s, retention {row['retention_efficacy_first100']:.1f}, "
+                  f"batch efficacy {row['batch_efficacy']:.1f}, norms "
+                  f"{ {l: round(v['rel_change'], 3) for l, v in row['norms'].items()} }", flush=True)
+        if n_done >= args.n:
+            break
+        ed.edit(records[n_done:n_done + args.batch_size])
+        ed.save(run_dir)
+    return res
+
+
+def plot(results_dir: Path, n: int):
+    """The markdown table and the PNG of the curves from the long_*_n{n}.json files."""
+    runs = {}
+    for m in ("nse", "memit", "alphaedit"):
+        p = results_dir / f"long_{m}_n{n}.json"
+        if p.exists():
+            runs[m] = json.loads(p.read_text())
+    if not runs:
+        raise SystemExit(f"no long_*_n{n}.json in {results_dir}")
+    cols = ["Efficacy", "Generalization", "Specificity", "Fluency", "WikiText-2 PPL"]
+    lines = ["| method | edits | " + " | ".join(cols) + " | retention (first 100) | s/edit |",
+             "|---|---|" + "---|" * (len(cols) + 2)]
+    any_run = next(iter(runs.values()))
+    u = any_run["unedited"]
+    lines.append("| unedited | 0 | " + " | ".join(f"{u[c]:.2f}" for c in cols)
+                 + f" | {u['retention_efficacy_first100']:.1f} | |")
+    for m, r in runs.items():
+        for e in r["evals"]:
+            row = next(x for x in r["rows"] if x["n_done"] == e["n_done"])
+            secs = sum(x["seconds"] for x in r["rows"] if x["n_done"] <= e["n_done"]) / e["n_done"]
+            lines.append(f"| {m} | {e['n_done']} | " + " | ".join(f"{e[c]:.2f}" for c in cols)
+                         + f" | {row['retention_efficacy_first100']:.1f} | {secs:.1f} |")
+    table = "\n".join(lines)
+    (results_dir / f"long_n{n}.md").write_text(table + "\n")
+    print(table)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: table only (pip install matplotlib for the PNG)")
+        return
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    panels = [("Efficacy", "evals"), ("Generalization", "evals"), ("Specificity", "evals"),
+              ("retention_efficacy_first100", "rows"), ("rel_change", "rows"), ("WikiText-2 PPL", "evals")]
+    for ax, (key, where) in zip(axes.flat, panels):
+        for m, r in runs.items():
+            xs = [0] + [x["n_done"] for x in r[where]]
+            if key == "rel_change":
+                ys = [0.0] + [max(v["rel_change"] for v in x["norms"].values()) for x in r[where]]
+            else:
+                ys = [r["unedited"][key]] + [x[key] for x in r[where]]
+            ax.plot(xs, ys, marker="o", label=m)
+        ax.set_title({"retention_efficacy_first100": "Efficacy of the first 100 edits",
+                      "rel_change": "max ||W - W0|| / ||W0|| over edited layers"}.get(key, key))
+        ax.set_xlabel("edits")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend()
+    fig.suptitle(f"{any_run['ckpt'].split('/')[-1]}: sequential CounterFact edits, batches of {any_run['batch_size']}")
+    fig.tight_layout()
+    fig.savefig(results_dir / f"long_n{n}.png", dpi=90)
+    print(f"wrote {results_dir / f'long_n{n}.png'}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=("nse", "memit", "alphaedit"), help="the method to run")
+    p.add_argument("--plot", action="store_true", help="write the table and PNG from the JSONs and stop")
+    p.add_argument("--ckpt", default="/work/models/smollm2", help="Hugging Face folder (SmolLM2-135M converted)")
+    p.add_argument("--edits", default=str(SHARED / "data/counterfact/counterfact-edit.json"), help="CounterFact records")
+    p.add_argument("--n", type=int, default=1000, help="edits in the sequence")
+    p.add_argument("--batch-size", type=int, default=100, help="edits per batch")
+    p.add_argument("--eval-every", type=int, default=200, help="full evaluation every this many edits")
+    p.add_argument("--stats-text", default=str(SHARED / "data/wikitext/wikitext-2-raw-test.txt"), help="C0 corpus")
+    p.add_argument("--cache-dir", default=nse.CACHE_DIR, help="C0 cache")
+    p.add_argument("--ppl-text", default=str(SHARED / "data/wikitext/wikitext-2-raw-test.txt"), help="held-out text")
+    p.add_argument("--ppl-chars", type=int, default=60_000, help="characters from the end of --ppl-text")
+    p.add_argument("--fluency-n", type=int, default=50, help="prompts for Fluency")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--out", help="JSON (default bench/results/long_<method>_n<n>.json)")
+    p.add_argument("--run-dir", help="editor state for resuming (default /work/runs/long_<method>_n<n>)")
+    args = p.parse_args()
+    if args.plot:
+        return plot(RESULTS, args.n)
+    if not args.method:
+        p.error("--method is required (or --plot)")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
