@@ -317,6 +317,46 @@ def compute_z(model, tok, records, templates, hp: Settings, log=None):
     return z.cpu(), h_init.cpu(), {"steps": steps.tolist(), "final_loss": loss.detach().tolist()}
 
 
+class ZCache:
+    """NSE's z per request on disk (cache_dir/z/<key>.safetensors). z is computed on the original
+    weights, so it depends only on them, the request, the context templates and the z settings: the
+    key hashes all of these, and a second run (another neuron_threshold, more edits) pays only for
+    the updates. A z read back is the one computed the first time, in its first batch; the same
+    request in another batch can differ from it in the last bits (other padding, other matmul shapes).
+    Build it on the unedited model: the digest covers every weight."""
+
+    def __init__(self, root, model):
+        self.root = Path(root) / "z"
+        self.model = llama.weights_digest(sorted(model.state_dict().items())).hex()
+        self.hits = 0
+
+    def key(self, r, templates, hp: Settings, model) -> str:
+        k = {"weights": self.model, "prompt": r.prompt, "subject": r.subject, "target_new": r.target_new,
+             "templates": templates, "layer": hp.layers[-1], "dtype": str(model.dtype), "device": model.device.type,
+             **{f: getattr(hp, f) for f in ("v_lr", "v_steps", "clamp", "v_weight_decay", "kl_factor", "loss_stop")}}
+        return hashlib.blake2b(json.dumps(k, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+    def compute(self, model, tok, records, templates, hp: Settings):
+        """compute_z for the requests not cached yet; (Z (n, D), {"steps", "cache_hits"})."""
+        keys = [self.key(r, templates, hp, model) for r in records]
+        Z, steps, miss = [None] * len(records), [0] * len(records), []
+        for i, k in enumerate(keys):
+            path = self.root / f"{k}.safetensors"
+            if path.exists():
+                with safe_open(str(path), "pt") as f:
+                    Z[i], steps[i] = f.get_tensor("z"), int(f.metadata()["steps"])
+            else:
+                miss.append(i)
+        if miss:
+            z, _, log = compute_z(model, tok, [records[i] for i in miss], templates, hp)
+            for j, i in enumerate(miss):
+                Z[i], steps[i] = z[j], log["steps"][j]
+                llama.write_safetensors(self.root / f"{keys[i]}.safetensors", {"z": z[j].contiguous()},
+                                        {"steps": str(steps[i])})
+        self.hits += len(records) - len(miss)
+        return torch.stack(Z), {"steps": steps, "cache_hits": len(records) - len(miss)}
+
+
 # ----------------------------------------------------------------------------------------------
 # Step 2: keys and the current hidden state at the subject
 
@@ -425,16 +465,20 @@ class EditState:
 
 
 def edit_batch(model, tok, records, templates, hp: Settings, state: EditState, C0: dict, timer: dict,
-               P: dict | None = None):
+               P: dict | None = None, zcache: ZCache | None = None):
     """One sequential batch (steps 1-4). Returns the batch log: passes, residuals, requests left.
-    alphaedit: P[l] the null-space projector of each edited layer; one pass, every neuron."""
+    alphaedit: P[l] the null-space projector of each edited layer; one pass, every neuron.
+    zcache: NSE's z read from / written to disk (MEMIT's and AlphaEdit's z see the current weights)."""
     model.requires_grad_(False)
     nse, l0, layers = hp.method == "nse", hp.layers[-1], hp.layers
     t = time.perf_counter()
     with rewound(model, state.W0 if nse else None):              # MEMIT: z on the current weights
-        Z, h_init, zlog = compute_z(model, tok, records, templates, hp)
+        if nse and zcache is not None:
+            Z, zlog = zcache.compute(model, tok, records, templates, hp)
+        else:
+            Z, _, zlog = compute_z(model, tok, records, templates, hp)
     timer["z"] = timer.get("z", 0.0) + time.perf_counter() - t
-    blog = {"z_steps": zlog["steps"], "passes": []}
+    blog = {"z_steps": zlog["steps"], "z_cache_hits": zlog.get("cache_hits"), "passes": []}
     for it in range(hp.max_iterations if nse else 1):
         t = time.perf_counter()
         _, H = subject_states(model, tok, records, templates, [], l0)
@@ -548,7 +592,7 @@ class Editor(ev.Editor):
     description = "NSE / sequential MEMIT editing of a Llama checkpoint. No arguments: the demo world."
 
     def __init__(self, model, tokenizer, settings: Settings | None = None, template="raw", stats_text=None,
-                 cache_dir=None):
+                 cache_dir=None, z_cache: bool = True):
         super().__init__(model, tokenizer, template)
         self.given = settings or Settings()
         self.check_settings(self.given, model.config)
@@ -557,6 +601,7 @@ class Editor(ev.Editor):
         self.contexts = context_templates(model, tokenizer, self.given.seed)
         self.W0 = {l: w.detach().clone() for l, w in self._weights(self.given).items()}
         self.C0, self.P, self.derived, self.timer = None, None, {}, {}
+        self.zcache = ZCache(self.cache_dir, model) if z_cache and self.given.method == "nse" else None
         self._start()
 
     def _weights(self, s):
@@ -613,7 +658,7 @@ class Editor(ev.Editor):
                 self.derived["null_dims"] = {str(l): round(torch.trace(p).item()) for l, p in self.P.items()}
             t = time.perf_counter()
             blog = edit_batch(self.model, self.tokenizer, batch, self.contexts, self.s, st, self.C0, self.timer,
-                              self.P)
+                              self.P, self.zcache)
             blog["left_above_upper"] = [st.n_done + j for j in blog["left_above_upper"]]   # global indices
             st.n_done += len(batch)
             blog.update(n=len(batch), n_done=st.n_done, seconds=time.perf_counter() - t)
@@ -627,7 +672,8 @@ class Editor(ev.Editor):
         total, left = sum(self.timer.values()) or 1.0, sum(len(b["left_above_upper"]) for b in self.log)
         shares = {k: round(v / total, 3) for k, v in self.timer.items()}
         return [f"derived from the first batch: {json.dumps(self.derived)}",
-                f"requests left above upper_bound (never edited): {left}", f"time shares: {json.dumps(shares)}"]
+                f"requests left above upper_bound (never edited): {left}", f"time shares: {json.dumps(shares)}"] + (
+                [f"z read from the cache: {self.zcache.hits} requests"] if self.zcache else [])
 
     # -- persistence: OUT/nse_state.safetensors (W.l, Cp.l + settings and log), atomic ---------
     # W0 is the checkpoint's own weights: the state keeps only its digest, load() checks it
@@ -641,7 +687,7 @@ class Editor(ev.Editor):
                 "W0_digest": llama.weights_digest(sorted(self.W0.items())).hex(),
                 "template": [self.template.kind, self.template.system], "cache_dir": self.cache_dir,
                 "stats_text": self.stats_text and str(self.stats_text), "n_done": self.state.n_done,
-                "log": self.log, "derived": self.derived}
+                "log": self.log, "derived": self.derived, "z_cache": self.zcache is not None}
         llama.write_safetensors(Path(out) / "nse_state.safetensors", t, {"state": json.dumps(meta)})
 
     @classmethod
@@ -664,6 +710,7 @@ class Editor(ev.Editor):
         if llama.weights_digest(sorted(ed.W0.items())).hex() != meta["W0_digest"]:
             raise EditError(f"{path}: the model is not the one these edits started from (the down projections "
                             f"of layers {ed.s.layers} differ): load them on the unedited checkpoint")
+        ed.zcache = ZCache(ed.cache_dir, model) if meta.get("z_cache") and ed.s.method == "nse" else None
         for l, w in ed._weights(ed.s).items():
             w.data.copy_(t[f"W.{l}"])
         Cp = {l: t[f"Cp.{l}"] for l in ed.s.layers if f"Cp.{l}" in t}
@@ -688,13 +735,16 @@ class Editor(ev.Editor):
     def add_inputs(cls, g):
         g.add_argument("--stats-text", help="text corpus for C0, e.g. WikiText-2 raw (default: text the model "
                        "generates itself, generated_corpus)")
-        g.add_argument("--cache-dir", default=CACHE_DIR, help="where C0 is cached")
+        g.add_argument("--cache-dir", default=CACHE_DIR, help="where C0 and NSE's z are cached")
+        g.add_argument("--no-z-cache", action="store_true", help="compute NSE's z afresh instead of reading it "
+                       "from --cache-dir (it depends only on the original weights, the request and the z settings)")
 
     @classmethod
     def inputs_from(cls, args, records) -> dict:
         if args.stats_text is not None and not Path(args.stats_text).is_file():
             raise EditError(f"--stats-text {args.stats_text}: file not found")
-        return {"stats_text": args.stats_text and Path(args.stats_text), "cache_dir": args.cache_dir}
+        return {"stats_text": args.stats_text and Path(args.stats_text), "cache_dir": args.cache_dir,
+                "z_cache": not args.no_z_cache}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -53,6 +54,9 @@ class Settings:
     depth: float = setting(0.8, "default layer's depth fraction (paper: 20/32; 0.8 measured better on SmolLM2)",
                            gt=0, max=1)
     theta: float = setting(0.65, "routing threshold (eq. 11)", gt=0, lt=1)
+    expert: str = setting("lowrank", "full: a whole copy of W_down per edit (the paper); lowrank: W_down + B A of "
+                                     "rank expert_rank, (D + F) * rank numbers per edit", choices=("full", "lowrank"))
+    expert_rank: int = setting(4, "rank of a lowrank expert", min=1)
     expert_lr: float = setting(1e-3, "expert Adam lr (paper/code: 1e-4)", gt=0)
     expert_steps: int = setting(60, "expert steps (paper: exactly 10); a cap with expert_until", min=0)
     expert_until: bool = setting(True, "true/false: stop when every target token is argmax and NLL < expert_nll")
@@ -79,7 +83,7 @@ class Settings:
     seed: int = setting(0, "seed of the neurons' initialisation")
 
 
-PAPER = dict(expert_lr=1e-4, expert_steps=10, expert_until=False, neuron_lr=1e-4, neuron_steps=20,
+PAPER = dict(expert="full", expert_lr=1e-4, expert_steps=10, expert_until=False, neuron_lr=1e-4, neuron_steps=20,
              neuron_until=False, features="raw", bias=False, unrelated_neg=False, retrain=False,
              loss="paper", theta=0.65, pool="last", neuron_init="random", depth=20 / 32)
 
@@ -208,7 +212,11 @@ class RoutedDown(nn.Module):
         for c in self.choice.unique().tolist():
             if c >= 0:
                 rows = (self.choice == c).nonzero()[:, 0]
-                out[rows] = F.linear(u[rows], self.experts[c].to(u.dtype))
+                e = self.experts[c]
+                if isinstance(e, LowRank):                      # x W^T + (x A^T) B^T: no (D, F) matrix built
+                    out[rows] = out[rows] + F.linear(F.linear(u[rows], e.A.to(u.dtype)), e.B.to(u.dtype))
+                else:
+                    out[rows] = F.linear(u[rows], e.to(u.dtype))
         return out
 
 
@@ -221,6 +229,33 @@ class Expert(nn.Module):
 
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype))
+
+    def result(self):
+        return self.weight.detach()
+
+
+class LowRank(NamedTuple):
+    """A compact expert: the edit's W_down is W0 + B A, B (D, r), A (r, F); only A and B are stored."""
+    A: torch.Tensor
+    B: torch.Tensor
+
+
+class LowRankExpert(nn.Module):
+    """A trainable W0 + B A around the original W_down (left untouched): B starts at zero, so
+    training starts from the original layer exactly; A starts small and random (seeded)."""
+
+    def __init__(self, weight0, rank: int, generator=None):
+        super().__init__()
+        D, F_ = weight0.shape
+        self.weight0 = weight0
+        self.A = nn.Parameter(torch.randn(rank, F_, generator=generator).to(weight0.device) / math.sqrt(F_))
+        self.B = nn.Parameter(torch.zeros(D, rank, device=weight0.device))
+
+    def forward(self, x):
+        return F.linear(x, self.weight0.to(x.dtype)) + F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype))
+
+    def result(self):
+        return LowRank(self.A.detach(), self.B.detach())
 
 
 @contextlib.contextmanager
@@ -251,11 +286,14 @@ def layer_inputs(model, layer: int, ids: list[int], base: nn.Module, pos: int = 
     return h_l, pool(u, torch.tensor([pos % u.shape[1]], device=u.device), None, kind).float()[0]
 
 
-def train_expert(model, layer: int, h_l, ids: list[int], target_start: int, weight0, s: Settings):
-    """Train a copy of weight0 as W_down of `layer` so that ids[target_start:] follow the prompt:
-    mean cross-entropy on the target tokens (end token included), Adam, running layers l..L only
-    on the cached block input h_l. Returns (weight, steps, final loss)."""
-    expert = Expert(weight0.detach().to(h_l.dtype).clone())
+def train_expert(model, layer: int, h_l, ids: list[int], target_start: int, weight0, s: Settings,
+                 lowrank: bool = False, generator=None):
+    """Train a copy of weight0 (or, lowrank, B A beside it) as W_down of `layer` so that
+    ids[target_start:] follow the prompt: mean cross-entropy on the target tokens (end token
+    included), Adam, running layers l..L only on the cached block input h_l.
+    Returns (weight or LowRank(A, B), steps, final loss)."""
+    expert = LowRankExpert(weight0.detach(), s.expert_rank, generator) if lowrank else \
+        Expert(weight0.detach().to(h_l.dtype).clone())
     opt = torch.optim.Adam(expert.parameters(), lr=s.expert_lr)
     pos = torch.arange(target_start - 1, len(ids) - 1, device=h_l.device)
     tgt = torch.tensor(ids[target_start:], device=h_l.device)
@@ -271,7 +309,7 @@ def train_expert(model, layer: int, h_l, ids: list[int], target_start: int, weig
             loss.backward()
             opt.step()
             steps += 1
-    return expert.weight.detach(), steps, loss.item()
+    return expert.result(), steps, loss.item()
 
 
 def separated(a_t, a_neg, s: Settings) -> bool:
@@ -304,6 +342,11 @@ def train_neuron(f_t, f_neg, s: Settings, w0=None, b0=None, generator=None):
         opt.step()
         steps += 1
     return w.detach(), b.detach(), steps
+
+
+def load_expert(path, device):
+    t = load_file(str(path), device=device)
+    return LowRank(t["A"], t["B"]) if "A" in t else t["weight"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,8 +427,10 @@ class Editor(ev.Editor):
                 self.model, s.layer, h_l, ids, target_start, self.ft.weight, s)
             self.ft.weight.data.copy_(w)
         else:
+            gen = torch.Generator().manual_seed(s.seed * 1_000_003 + t + 500_009)
             w, rec["expert_steps"], rec["expert_loss"] = (expert, 0, None) if expert is not None else \
-                train_expert(self.model, s.layer, h_l, ids, target_start, self.base.weight, s)
+                train_expert(self.model, s.layer, h_l, ids, target_start, self.base.weight, s,
+                             lowrank=s.expert == "lowrank", generator=gen)
             self.router.experts.append(w)
             rec.update(self.add_neuron(u, t))
         self.U.append(u)
@@ -455,8 +500,9 @@ class Editor(ev.Editor):
         scen = self.router is not None
         tensors.update({"W": self.router.W, "b": self.router.b} if scen else {"weight": self.ft.weight})
         for k in range(self.saved_n.get(str(out), 0), t if scen else 0):
+            e = self.router.experts[k]
             llama.write_safetensors(out / "experts" / f"expert_{k + 1:05d}.safetensors",
-                                    {"weight": self.router.experts[k]})
+                                    e._asdict() if isinstance(e, LowRank) else {"weight": e})
         state = f"state_{t:05d}.safetensors"
         llama.write_safetensors(out / state, tensors)
         llama.write_json(out / "scen.json", {"settings": asdict(self.s), "template": [self.template.kind,
@@ -469,6 +515,11 @@ class Editor(ev.Editor):
     @classmethod
     def saved(cls, out) -> bool:
         return (Path(out) / "scen.json").exists()
+
+    def expert_bytes(self) -> int:
+        """Bytes of the experts held (what one more edit adds, times the edits)."""
+        return sum(sum(x.numel() * x.element_size() for x in (e if isinstance(e, LowRank) else [e]))
+                   for e in (self.router.experts if self.router else []))
 
     @classmethod
     def load(cls, out, model, tokenizer=None):
@@ -486,7 +537,7 @@ class Editor(ev.Editor):
         ed.log, ed.U, ed.saved_n = st["log"], list(x["U"]), {str(out): t}
         if s.method == "scen":
             ed.router.W, ed.router.b = x["W"], x["b"]
-            ed.router.experts = [load_file(str(out / "experts" / f"expert_{k:05d}.safetensors"), device=dev)["weight"]
+            ed.router.experts = [load_expert(out / "experts" / f"expert_{k:05d}.safetensors", dev)
                                  for k in range(1, t + 1)]
         else:
             ed.ft.weight.data.copy_(x["weight"])

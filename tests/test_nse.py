@@ -389,3 +389,26 @@ def test_without_a_corpus_c0_comes_from_text_the_model_generates(tiny_ckpt, tmp_
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "500 tokens of generated text" in p.stdout and "Efficacy" in p.stdout
+
+
+def test_z_cache_returns_the_computed_z_and_recomputes_when_a_key_part_changes(tmp_path, monkeypatch):
+    model = sharp_model(num_hidden_layers=2)
+    recs = [rec("The boss of Kim", "Kim", " Q", " A"), rec("Home of Ann Pi", "Ann Pi", " Z", " B")]
+    hp = hp_for(model, layers=[0], v_steps=5)
+    real, calls = nse.compute_z, []
+    monkeypatch.setattr(nse, "compute_z", lambda m, t, rs, *a, **k: calls.append(len(rs)) or real(m, t, rs, *a, **k))
+    cache = nse.ZCache(tmp_path, model)
+    Z, log = cache.compute(model, TOK, recs, TEMPLATES, hp)
+    assert calls == [2] and log["cache_hits"] == 0 and len(list((tmp_path / "z").glob("*.safetensors"))) == 2
+    expect, _, _ = real(model, TOK, recs, TEMPLATES, hp)
+    assert torch.equal(Z, expect)
+    Z2, log = cache.compute(model, TOK, recs[::-1], TEMPLATES, hp)              # both read back, in order
+    assert calls == [2] and log["cache_hits"] == 2 and torch.equal(Z2, Z.flip(0))
+    cache.compute(model, TOK, recs, TEMPLATES, hp_for(model, layers=[0], v_steps=6))   # another z setting
+    assert calls == [2, 2]
+    cache.compute(model, TOK, [rec("The boss of Kim", "Kim", " R", " A")], TEMPLATES, hp)   # another target
+    assert calls == [2, 2, 1]
+    with torch.no_grad():
+        model.layers[1].mlp.up_proj.weight[0, 0] += 1e-3                    # another checkpoint
+    nse.ZCache(tmp_path, model).compute(model, TOK, recs, TEMPLATES, hp)
+    assert calls == [2, 2, 1, 2]

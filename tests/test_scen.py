@@ -61,8 +61,13 @@ def test_neuron_separates_on_cached_features():
     assert torch.sigmoid(feats[0] @ w + b) < p.theta
 
 
-def test_edits_route_to_their_own_expert_in_a_batch():
-    ed = make_editor()
+def same_expert(x, y):
+    return all(torch.equal(a, b) for a, b in zip(x, y)) if isinstance(x, scen.LowRank) else torch.equal(x, y)
+
+
+@pytest.mark.parametrize("expert", ["full", "lowrank"])
+def test_edits_route_to_their_own_expert_in_a_batch(expert):
+    ed = make_editor(expert=expert)
     for ids, ts in EDITS:
         ed.edit_ids(ids, ts)
     f = ed.feats(torch.stack(ed.U))
@@ -77,9 +82,10 @@ def test_edits_route_to_their_own_expert_in_a_batch():
         assert ed.generate_ids([p], 6, eos_ids=[2])[0] == o
 
 
-def test_edit_becomes_greedy_answer_unrouted_logits_bit_identical():
+@pytest.mark.parametrize("expert", ["full", "lowrank"])
+def test_edit_becomes_greedy_answer_unrouted_logits_bit_identical(expert):
     ref = tiny_model(0)
-    ed = make_editor()
+    ed = make_editor(expert=expert)
     ids, ts = EDITS[0]
     prompt, other = ids[:ts], [1, 70, 71, 72, 73, 74]
     before = llama_generate(ref, prompt)
@@ -125,12 +131,13 @@ def test_cost_per_edit_is_flat_layers_below_l_run_once():
         assert len(calls) - n == 1                      # one pass below l per edit, whatever t
 
 
-def test_save_load_and_resume_reproduce(tmp_path):
-    full = make_editor()
+@pytest.mark.parametrize("expert", ["full", "lowrank"])
+def test_save_load_and_resume_reproduce(tmp_path, expert):
+    full = make_editor(expert=expert)
     for ids, ts in EDITS[:3]:
         full.edit_ids(ids, ts)
     full.save(tmp_path / "a")
-    part = make_editor()
+    part = make_editor(expert=expert)
     for ids, ts in EDITS[:2]:
         part.edit_ids(ids, ts)
         part.save(tmp_path / "b")                                        # after every edit, as the harness does
@@ -142,7 +149,7 @@ def test_save_load_and_resume_reproduce(tmp_path):
     for ed in (resumed, loaded, again):
         assert torch.equal(ed.router.W, full.router.W) and torch.equal(ed.router.b, full.router.b)
         assert len(ed.router.experts) == 3
-        assert all(torch.equal(x, y) for x, y in zip(ed.router.experts, full.router.experts))
+        assert all(same_expert(x, y) for x, y in zip(ed.router.experts, full.router.experts))
     prompts = [ids[:ts] for ids, ts in EDITS] + [[1, 70, 71, 72]]
     want = full.generate_ids(prompts, 6, eos_ids=[2])
     assert want[0] == EDITS[0][0][5:-1]
@@ -150,6 +157,27 @@ def test_save_load_and_resume_reproduce(tmp_path):
     log = json.loads((tmp_path / "a" / "scen.json").read_text())["log"]
     assert len(log) == 3 and sorted(p.name for p in (tmp_path / "a" / "experts").iterdir())[-1] == "expert_00003.safetensors"
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_compact_expert_is_small_and_routed_inference_equals_the_dense_expert():
+    ed = make_editor(expert="lowrank", expert_rank=2)
+    ids, ts = EDITS[0]
+    ed.edit_ids(ids, ts)
+    e, W0 = ed.router.experts[0], ed.base.weight
+    D, F_ = W0.shape
+    assert isinstance(e, scen.LowRank) and e.A.shape == (2, F_) and e.B.shape == (D, 2)
+    assert ed.expert_bytes() == 2 * (D + F_) * 4                        # (D + F) r floats, not D F
+    assert (e.B @ e.A).abs().max() > 0                                    # it changed something
+    u = torch.randn(3, 5, F_)
+    ed.router.route_at(torch.tensor([4, 4, 4]), force=torch.tensor([0, -1, 0]))
+    got = ed.router(u)
+    dense = torch.nn.functional.linear(u, W0 + e.B @ e.A)                # the explicit (D, F) expert
+    assert torch.allclose(got[[0, 2]], dense[[0, 2]], atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[1], ed.base(u[1:2])[0])                        # unrouted row: the original, exactly
+    # the same edit with a full expert gives the same answer
+    full = make_editor(expert="full")
+    full.edit_ids(ids, ts)
+    assert full.generate_ids([ids[:ts]], 6, eos_ids=[2]) == ed.generate_ids([ids[:ts]], 6, eos_ids=[2])
 
 
 def test_restore_gives_the_unedited_logits_bit_for_bit():
