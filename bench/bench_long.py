@@ -63,6 +63,14 @@ def held_out_passages(path: Path, n_chars: int, tok, max_tokens: int = 512) -> l
     return out
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (VmHWM), MB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def norms(ed) -> dict:
     out = {}
     for l, w in ed._weights(ed.s).items():
@@ -135,6 +143,7 @@ def run(args):
             row = {"n_done": n_done, "seconds": ed.log[-1]["seconds"], "batch_log": {
                 k: ed.log[-1].get(k) for k in ("note", "left_above_upper")}, "time_shares": dict(ed.timer)}
             row.update(cheap_figures(ed, tok, records, n_done, args.batch_size))
+            row["peak_rss_mb"] = peak_rss_mb()
             res["rows"].append(row)
             if n_done % args.eval_every == 0 or n_done == args.n:
                 ev_row = {"n_done": n_done, **full_figures(ed.eval_model(), tok, records[:n_done], fluency_records,
