@@ -568,6 +568,36 @@ def template_for(tokenizer, name: str = "auto", system: str | None = None) -> Te
     return Template(name, system)
 
 
+def model_questions(model, tokenizer, template: Template, n: int = 1000, *, seed: int = 0,
+                    max_new_tokens: int = 40, batch: int = 50) -> list[str]:
+    """Prompts of the kind the model is asked, written by the model itself: the template's text up
+    to where a user's prompt goes ("<|im_start|>user\n", "[INST]", ...) continued by sampling
+    (temperature 1, top-k 50, seeded) until the user's turn ends. Distinct, non-empty, n of them
+    (fewer if the model repeats itself: at most 4n samples). Used where a method needs unrelated
+    prompts and none are given (SCEN's negatives), as NSE's C0 uses the model's own text."""
+    mark = "\x07"
+    text = template.prompt_text(tokenizer, mark)
+    start = tokenizer.encode(text[:text.index(mark)])
+    if not start:
+        start = [tokenizer.eos_id]
+    end = template.end_id(tokenizer)
+    g, out, seen, tries = torch.Generator().manual_seed(seed), [], set(), 0
+    while len(out) < n and tries < 4 * n:
+        new = llama.generate(model, [start] * batch, max_new_tokens, temperature=1.0, top_k=50, generator=g,
+                             eos_ids=[] if end is None else [end], tokenizer=tokenizer,
+                             stop_strings=template.stop_strings, pad_id=tokenizer.pad_id or 0)
+        tries += batch
+        for ids in new:
+            q = tokenizer.decode(ids, skip_special=True)
+            for s in template.stop_strings:
+                q = q.split(s)[0]
+            q = q.strip()
+            if q and q not in seen and len(out) < n:
+                seen.add(q)
+                out.append(q)
+    return out
+
+
 class Encoded(NamedTuple):
     """Token ids of prompt + target (+ end token).
 

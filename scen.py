@@ -87,14 +87,9 @@ PAPER = dict(expert="full", expert_lr=1e-4, expert_steps=10, expert_until=False,
              neuron_until=False, features="raw", bias=False, unrelated_neg=False, retrain=False,
              loss="paper", theta=0.65, pool="last", neuron_init="random", depth=20 / 32)
 
-# Unrelated questions: the centre of the feature space and extra negatives when none are given.
-UNRELATED = ["What is the capital of France?", "Who wrote Hamlet?", "How many legs does a spider have?",
-             "What is the boiling point of water?", "Which planet is closest to the sun?",
-             "What language is spoken in Brazil?", "Who painted the Mona Lisa?", "What year did World War II end?",
-             "What is the largest ocean on Earth?", "Which element has the symbol O?",
-             "Who was the first president of the United States?", "What is the tallest mountain in the world?",
-             "What currency is used in Japan?", "In which country is the city of Toronto?",
-             "What is the chemical formula of water?", "Who discovered penicillin?"]
+# Unrelated prompts (the features' centre and extra negatives) when none are given: this many
+# questions the model writes itself (data.model_questions).
+N_UNRELATED = 1000
 
 
 def default_layer(n_layers: int, depth: float = 0.8) -> int:
@@ -375,7 +370,10 @@ class Editor(ev.Editor):
         self.check_settings(s, model.config)
         model.requires_grad_(False)
         self.base = model.layers[s.layer].mlp.down_proj
-        self.unrelated = list(UNRELATED if unrelated is None else unrelated)
+        if unrelated is None and tokenizer is None:
+            raise ev.RunError("unrelated prompts are needed when no tokenizer is given (token ids)")
+        self.unrelated = list(data.model_questions(model, tokenizer, self.template, N_UNRELATED, seed=s.seed)
+                              if unrelated is None else unrelated)
         ids = [q if isinstance(q, list) else data.encode_prompt(tokenizer, self.template, q) for q in self.unrelated]
         self.U_unrel = torch.stack([layer_inputs(model, s.layer, q, self.base, kind=s.pool)[1] for q in ids])
         self.restore()
@@ -549,13 +547,15 @@ class Editor(ev.Editor):
     def add_inputs(cls, g):
         g.add_argument("--unrelated", help="records whose prompts centre the features and serve as "
                        "negatives: give ~1000 prompts of the kind the model will be asked (e.g. its SFT "
-                       "set; Locality 75 with 64, 95 with 900 after 200 edits); default: 16 built-in questions")
+                       "set; Locality 75 with 64, 95 with 900 after 200 edits); default: 1000 questions the model "
+                       "writes itself (data.model_questions)")
 
     @classmethod
     def inputs_from(cls, args, records) -> dict:
-        unrel = [r.prompt for r in data.load_edits(args.unrelated)] if args.unrelated else UNRELATED
+        if not args.unrelated:
+            return {"unrelated": None}                         # the model writes them (data.model_questions)
         edit_prompts = {r.prompt for r in records}
-        return {"unrelated": [q for q in unrel if q not in edit_prompts]}   # an edit's own prompt is no negative
+        return {"unrelated": [r.prompt for r in data.load_edits(args.unrelated) if r.prompt not in edit_prompts]}
 
 
 # ----------------------------------------------------------------------------------------------

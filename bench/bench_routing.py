@@ -38,13 +38,14 @@ import scen  # noqa: E402
 SHARED = ROOT.parent / "shared"
 
 
-def load_task(a, tok):
+def load_task(a, tok, model):
     """(template, edit encodings, {query set: [(prompt, expected expert or -1)]}, unrelated prompts)."""
     if a.task == "zsre":
         tpl = data.template_for(tok, "chatml", "")
         recs = data.load_edits(a.edits, n=a.n)
         loc = [r.prompt for r in data.load_edits(a.loc)] if a.loc else []
-        unrel = [r.prompt for r in data.load_edits(a.unrelated)] if a.unrelated else scen.UNRELATED
+        unrel = [r.prompt for r in data.load_edits(a.unrelated)] if a.unrelated else \
+            data.model_questions(model, tok, tpl, scen.N_UNRELATED)
         sets = {"edit": [(r.prompt, i) for i, r in enumerate(recs)],
                 "rephrase": [(q, i) for i, r in enumerate(recs) for q in r.rephrases],
                 "loc": [(p, -1) for p in loc]}
@@ -110,7 +111,7 @@ def main(argv=None):
     ap.add_argument("--ckpt", required=True, help="model folder (HF layout)")
     ap.add_argument("--edits", help="zsre: edits file (D_edit)")
     ap.add_argument("--loc", help="zsre: locality questions (D_loc)")
-    ap.add_argument("--unrelated", help="zsre: unrelated questions (default scen.UNRELATED)")
+    ap.add_argument("--unrelated", help="zsre: unrelated questions (default: 1000 the model writes, data.model_questions)")
     ap.add_argument("--shared", default=str(SHARED), help="hall: the shared/ folder")
     ap.add_argument("--n", type=int, default=200, help="edits")
     ap.add_argument("--n-unrelated", type=int, default=900, help="unrelated prompts (the CLI's advice: ~1000)")
@@ -121,7 +122,7 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     variants = json.loads(a.variants)
     model, tok = llama.load(a.ckpt)
-    tpl, enc, targets, sets, unrel = load_task(a, tok)
+    tpl, enc, targets, sets, unrel = load_task(a, tok, model)
     unrel_ids = [data.encode_prompt(tok, tpl, p) for p in unrel]
     out = Path(a.out) if a.out else None
     res = json.loads(out.read_text()) if out and out.exists() else {}

@@ -113,7 +113,8 @@ class Bench:
                 r.portability = []
         self.loc = [(r.prompt, r.target_new) for r in data.load_edits(a.loc, n=a.n_loc)] if a.loc else None
         edit_prompts = {r.prompt for r in self.records}
-        unrel = [r.prompt for r in data.load_edits(a.unrelated)] if a.unrelated else scen.UNRELATED
+        unrel = [r.prompt for r in data.load_edits(a.unrelated)] if a.unrelated else \
+            data.model_questions(self.model, self.tok, self.tpl, scen.N_UNRELATED)
         self.unrel = [p for p in unrel if p not in edit_prompts][:a.n_unrelated]   # the editor encodes them
         # prompt + target + end token of every edit, as scen.Editor.edit encodes them (token level:
         # run() calls edit_ids, which also takes an expert trained by an earlier variant)

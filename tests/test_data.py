@@ -315,3 +315,14 @@ def test_demo_world_deterministic_and_consistent():
     for f in w.facts:
         if f.relation == "capital":
             assert truth[(f.answer, "in_country")] == f.subject
+
+
+def test_model_questions_are_distinct_seeded_and_cut_at_the_end_of_the_users_turn(tmp_path):
+    import torch
+    from conftest import tiny_checkpoint
+    model, tok = llama.load(tiny_checkpoint(tmp_path / "ck"), "cpu", torch.float32)
+    ask = lambda **kw: data.model_questions(model, tok, Template("raw"), 30, max_new_tokens=12, batch=10, **kw)
+    a = ask()
+    assert len(a) == 30 and len(set(a)) == 30
+    assert all(q and "\n" not in q and q == q.strip() for q in a)     # raw: a prompt ends at the line's end
+    assert ask() == a and ask(seed=1) != a                             # seeded
