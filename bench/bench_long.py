@@ -13,7 +13,8 @@ on SmolLM2; lambda, alpha, upper_bound, AlphaEdit's threshold and l2 derived fro
 After every batch (cheap): Efficacy of the first 100 edits (retention), the batch's own Efficacy,
 the Frobenius norm of each edited W_down relative to the original (||W|| / ||W0|| and
 ||W - W0|| / ||W0||), residuals left, seconds. Every --eval-every edits and at the end: Efficacy /
-Generalization / Specificity on all edits so far, Fluency (ROME n-gram entropy of 100 sampled tokens
+Generalization / Specificity on the edits so far (an evenly spaced sample of at most --eval-max before
+the end, all of them at the end), Fluency (ROME n-gram entropy of 100 sampled tokens
 after the prompts of the first --fluency-n edits) and WikiText-2 perplexity on held-out text: the
 tail of wikitext-2-raw-test.txt that C0's 200k tokens never reach (--ppl-chars characters).
 
@@ -23,6 +24,7 @@ figures of a batch whose state was saved but whose JSON row was not are computed
 depend only on the model after that batch).
 """
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -80,12 +82,16 @@ def norms(ed) -> dict:
     return out
 
 
+def efficacy(em, tok, records) -> float:
+    """Efficacy alone (the edit prompts; no rephrases, no neighbourhood: a tenth of the cost)."""
+    bare = [dataclasses.replace(r, rephrases=[], locality=[]) for r in records]
+    return evaluation.evaluate_counterfact(em, tok, bare, with_fluency=False)["Efficacy"]["value"]
+
+
 def cheap_figures(ed, tok, records, n_done, batch) -> dict:
     em = ed.eval_model()
-    first = evaluation.evaluate_counterfact(em, tok, records[:min(100, n_done)], with_fluency=False)
-    last = evaluation.evaluate_counterfact(em, tok, records[n_done - batch:n_done], with_fluency=False)
-    return {"retention_efficacy_first100": first["Efficacy"]["value"],
-            "batch_efficacy": last["Efficacy"]["value"], "norms": norms(ed)}
+    return {"retention_efficacy_first100": efficacy(em, tok, records[:min(100, n_done)]),
+            "batch_efficacy": efficacy(em, tok, records[n_done - batch:n_done]), "norms": norms(ed)}
 
 
 def full_figures(em, tok, records, fluency_records, passages) -> dict:
@@ -114,16 +120,22 @@ def run(args):
     passages = held_out_passages(Path(args.ppl_text), args.ppl_chars, tok)
     fluency_records = records[:args.fluency_n]
     settings = nse.Settings(method=args.method, batch_size=args.batch_size)
-    if out.exists() and nse.Editor.saved(run_dir):
-        res = json.loads(out.read_text())
+    res = json.loads(out.read_text()) if out.exists() else None
+    if res is not None and (res["method"], res["n"], res["batch_size"]) != (args.method, args.n, args.batch_size):
+        raise SystemExit(f"{out}: a run of {res['method']} n {res['n']} batch {res['batch_size']}; use another --out")
+    if res is not None and res["rows"] and not nse.Editor.saved(run_dir):
+        raise SystemExit(f"{out} has {res['rows'][-1]['n_done']} edits but {run_dir} holds no editor state")
+    if res is not None and nse.Editor.saved(run_dir):
         ed = nse.Editor.load(run_dir, model, tok)
         print(f"resuming at {ed.state.n_done} edits", flush=True)
     else:
         ed = nse.Editor(model, tok, settings, template="raw", stats_text=args.stats_text, cache_dir=args.cache_dir)
+    if res is None:
         res = {"method": args.method, "ckpt": str(args.ckpt), "edits": str(args.edits), "n": args.n,
                "batch_size": args.batch_size, "records_digest": evaluation.digest([r.prompt for r in records]),
                "machine": machine(args.threads), "protocol": {
-                   "E/G/S": "eval.evaluate_counterfact: mean per-token NLL comparison (ROME/NSE), on all edits so far",
+                   "E/G/S": "eval.evaluate_counterfact: mean per-token NLL comparison (ROME/NSE), on the edits so far "
+                   f"(every k-th of them, at most {args.eval_max}, before the end; all of them at the end)",
                    "retention": "Efficacy of the first 100 edits", "Fluency": f"ROME n-gram entropy x100, "
                    f"100 tokens top-5 sampled after the prompts of the first {args.fluency_n} edits",
                    "WikiText-2 PPL": f"token-weighted perplexity of {len(passages)} passages (<=512 tokens) "
@@ -146,8 +158,10 @@ def run(args):
             row["peak_rss_mb"] = peak_rss_mb()
             res["rows"].append(row)
             if n_done % args.eval_every == 0 or n_done == args.n:
-                ev_row = {"n_done": n_done, **full_figures(ed.eval_model(), tok, records[:n_done], fluency_records,
-                                                           passages)}
+                step = 1 if n_done == args.n else -(-n_done // args.eval_max)      # every k-th edit so far
+                sample = records[:n_done:step]
+                ev_row = {"n_done": n_done, "n_eval": len(sample),
+                          **full_figures(ed.eval_model(), tok, sample, fluency_records, passages)}
                 res["evals"].append(ev_row)
                 print(f"eval at {n_done}: {ev_row}", flush=True)
             res["derived"], res["settings_used"] = ed.derived, ed.s.__dict__
@@ -226,6 +240,8 @@ def main():
     p.add_argument("--n", type=int, default=1000, help="edits in the sequence")
     p.add_argument("--batch-size", type=int, default=100, help="edits per batch")
     p.add_argument("--eval-every", type=int, default=200, help="full evaluation every this many edits")
+    p.add_argument("--eval-max", type=int, default=200, help="before the end, E/G/S on every k-th edit so far, "
+                   "at most this many (all edits at the end)")
     p.add_argument("--stats-text", default=str(SHARED / "data/wikitext/wikitext-2-raw-test.txt"), help="C0 corpus")
     p.add_argument("--cache-dir", default=nse.CACHE_DIR, help="C0 cache")
     p.add_argument("--ppl-text", default=str(SHARED / "data/wikitext/wikitext-2-raw-test.txt"), help="held-out text")
