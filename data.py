@@ -569,7 +569,7 @@ def template_for(tokenizer, name: str = "auto", system: str | None = None) -> Te
 
 
 def model_questions(model, tokenizer, template: Template, n: int = 1000, *, seed: int = 0,
-                    max_new_tokens: int = 40, batch: int = 50) -> list[str]:
+                    max_new_tokens: int = 24, batch: int = 50) -> list[str]:
     """Prompts of the kind the model is asked, written by the model itself: the template's text up
     to where a user's prompt goes ("<|im_start|>user\n", "[INST]", ...) continued by sampling
     (temperature 1, top-k 50, seeded) until the user's turn ends. Distinct, non-empty, n of them
