@@ -464,6 +464,54 @@ def corpus_chunks(tok, text: str, n_tokens: int, chunk: int):
     return chunks
 
 
+# --------------------------------------------------------------------------------------------
+# Same-subject probes: the edited subject's OTHER relations ("other attribution" side effects)
+# --------------------------------------------------------------------------------------------
+SUBJ = "\x00"
+
+
+def subject_template(text: str, subject: str | None) -> str | None:
+    """The relation's template: `text` with its last `subject` replaced by a placeholder, from the
+    sentence that holds it on (CounterFact rephrases start with an unrelated sentence)."""
+    if not subject or subject not in text:
+        return None
+    i = text.rindex(subject)
+    head = text[:i]
+    cut = max(head.rfind(". "), head.rfind("? "), head.rfind("! "))
+    return (head[cut + 2:] if cut >= 0 else head) + SUBJ + text[i + len(subject):]
+
+
+def relation_probes(records, bank, k: int = 4, seed: int = 0, min_count: int = 20) -> list[list[str]]:
+    """Per record: k prompts about the SAME subject that ask OTHER relations. The data has no
+    relation ids, so a relation is told by its answers: a prompt template of `bank` (records of
+    the same dataset, e.g. the whole edit file) used by at least `min_count` records is a probe
+    candidate for an edit when no true answer of its records is a true answer of the edit's own
+    template (native / official / original language share answers, so none of them probes
+    another), and the k probes of an edit share no answers with one another either (k different
+    questions). Drawn per record, seeded by the seed and the record's prompt (the same for any --n)."""
+    answers: dict[str, set] = {}
+    count: dict[str, int] = {}
+    for r in bank:
+        t = subject_template(r.prompt, r.subject)
+        if t is not None and r.target_true:
+            answers.setdefault(t, set()).add(r.target_true)
+            count[t] = count.get(t, 0) + 1
+    common = sorted(t for t in answers if count[t] >= min_count)
+    out = []
+    for r in records:
+        own = set(answers.get(subject_template(r.prompt, r.subject), ()))
+        own |= {r.target_true, r.target_new} - {None}
+        cands = [t for t in common if not answers[t] & own]
+        random.Random(f"{seed}:{r.prompt}").shuffle(cands)
+        picked, used = [], set(own)
+        for t in cands:
+            if len(picked) < k and not answers[t] & used:
+                picked.append(t)
+                used |= answers[t]
+        out.append([t.replace(SUBJ, r.subject) for t in picked])
+    return out
+
+
 def atomic_write_text(path, text: str) -> None:
     """Write `text` to `path` atomically (temporary file in the same folder + os.replace)."""
     llama.atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

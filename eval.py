@@ -424,6 +424,57 @@ def evaluate_counterfact(em, tokenizer, edits, *, template: Template | None = No
 
 
 # --------------------------------------------------------------------------------------------
+# Relation specificity: the edited subject's other facts (data.relation_probes)
+# --------------------------------------------------------------------------------------------
+def relation_snapshot(em, tokenizer, edits, probes, *, template: Template | None = None,
+                      max_new_tokens: int = 8, batch_size: int = 16) -> Snapshot:
+    """The unedited model's own answers to each edit's same-subject probes: greedy, cut at the first
+    '.', ',' or newline; pairs (probe, answer) with their edit's index, and the teacher-forced
+    top-1 ids on them (what "unchanged" compares against). Probes the model answers with nothing,
+    or with the edit's target_new, are left out."""
+    template = template or Template("raw")
+    flat = [(k, p) for k, ps in enumerate(probes) for p in ps]
+    texts = generate_answers(em, tokenizer, template, [p for _, p in flat], max_new_tokens=max_new_tokens,
+                             batch_size=batch_size)
+    pairs, owner = [], []
+    for (k, p), t in zip(flat, texts):
+        a = t.split("\n")[0].split(".")[0].split(",")[0].strip()
+        if a and a != edits[k].target_new.strip():
+            pairs.append((p, a))
+            owner.append(k)
+    sc = score_targets(em, tokenizer, template, pairs, batch_size=batch_size)
+    return Snapshot(pairs=pairs, owner=owner, argmax=[s["argmax"] for s in sc])
+
+
+def evaluate_relation_specificity(em, tokenizer, edits, before: Snapshot, *, template: Template | None = None,
+                                  batch_size: int = 16) -> dict:
+    """Relation specificity, two ways, on prompts asking OTHER relations of each edited subject
+    (the side effect neighbourhood prompts about other subjects do not show):
+    unchanged      = mean over probes of the share of the unedited answer's positions whose
+                     teacher-forced top-1 token did not move (EasyEdit's locality; 100 unedited)
+    own > new      = mean over edits of mean over their probes of [NLL(own answer) < NLL(target_new)]
+                     (CounterFact Specificity's comparison; own answer = the unedited model's)."""
+    template = template or Template("raw")
+    pairs, owner = [tuple(p) for p in before["pairs"]], before["owner"]
+    if not pairs:
+        return {}
+    sc = score_targets(em, tokenizer, template, pairs + [(p, edits[k].target_new) for (p, _), k in zip(pairs, owner)],
+                       batch_size=batch_size)
+    n = len(pairs)
+    nll = [sum(s["nll"]) / len(s["nll"]) for s in sc]
+    per: dict[int, list] = {}
+    for j, k in enumerate(owner):
+        per.setdefault(k, []).append(nll_success(nll[j], nll[n + j]))
+    what = "prompts asking other relations of the edited subject (data.relation_probes)"
+    return {"Relation specificity (unchanged, tf)": metric(
+                unchanged_tokens(before["argmax"], [s["argmax"] for s in sc[:n]]),
+                TF + f"; unedited model's answer tokens still top-1; {what}", n),
+            "Relation specificity (own > new)": metric(
+                mean_percent(sum(v) / len(v) for v in per.values()),
+                f"mean per-token NLL comparison: NLL(unedited model's answer) < NLL(target_new); {what}", len(per))}
+
+
+# --------------------------------------------------------------------------------------------
 # Perplexity (hallucination task)
 # --------------------------------------------------------------------------------------------
 def evaluate_perplexity(em, tokenizer, pairs, *, template: Template | None = None, batch_size: int = 8,
@@ -860,7 +911,21 @@ def _edit_run(method, args, log):
     if out:
         out.mkdir(parents=True, exist_ok=True)
         llama.write_json(out / "run.json", info if old is None else old)
-    evaluate = lambda em: _evaluate(task, em, tok, template, records, loc, args)
+    probes = data.relation_probes(records, data.load_edits(args.edits, args.format)) \
+        if task == "counterfact" and method.needs_subject else None
+    rel = Snapshot(old["relation_snapshot"]) if old is not None and "relation_snapshot" in old else None
+    if probes and rel is None and ed.n_edits == 0:       # the unedited model's answers, before any edit
+        rel = relation_snapshot(ed.eval_model(), tok, records, probes, batch_size=args.eval_batch_size)
+        if out:
+            llama.write_json(out / "run.json", {**(old or info), "relation_snapshot": dict(rel)})
+    if rel is not None:
+        info = {**info, "relation_snapshot": dict(rel)}
+
+    def evaluate(em):
+        figs = _evaluate(task, em, tok, template, records, loc, args)
+        if rel is not None:
+            figs.update(evaluate_relation_specificity(em, tok, records, rel, batch_size=args.eval_batch_size))
+        return figs
     if old is not None and "unedited" in old:
         rep.add("unedited", old["unedited"])
     elif not args.no_baseline:

@@ -62,7 +62,8 @@ def snapshot(method, out):
     if method == "scen":
         st = json.loads((out / "scen.json").read_text())
         tensors = load_file(str(out / st["state"]))
-        tensors.update({p.name: load_file(str(p))["weight"] for p in sorted((out / "experts").iterdir())})
+        tensors.update({f"{p.name}.{k}": v for p in sorted((out / "experts").iterdir())
+                        for k, v in load_file(str(p)).items()})               # weight, or lowrank A and B
         return figs, clean(st["log"]), tensors
     from safetensors import safe_open
     with safe_open(str(out / "nse_state.safetensors"), "pt") as f:

@@ -326,3 +326,20 @@ def test_model_questions_are_distinct_seeded_and_cut_at_the_end_of_the_users_tur
     assert len(a) == 30 and len(set(a)) == 30
     assert all(q and "\n" not in q and q == q.strip() for q in a)     # raw: a prompt ends at the line's end
     assert ask() == a and ask(seed=1) != a                             # seeded
+
+
+def test_relation_probes_ask_the_same_subject_about_other_relations_only():
+    cities, langs, firms = ["Oslo", "Rome", "Lima"], ["Norwegian", "Italian", "Quechua"], ["Acme", "Initech", "Hooli"]
+    bank = []
+    for i in range(30):
+        s = f"Person{i}"
+        bank += [EditRecord(f"{s} lives in", "x", cities[i % 3], s), EditRecord(f"{s} was born in", "x", cities[(i + 1) % 3], s),
+                 EditRecord(f"{s} speaks", "x", langs[i % 3], s), EditRecord(f"The employer of {s} is", "x", firms[i % 3], s),
+                 EditRecord(f"{s} once said", "x", f"quote {i}", s)]              # distinct answers: a probe too
+    edit = EditRecord("Kim Lo lives in", "Rome", "Oslo", "Kim Lo")
+    probes = data.relation_probes([edit], bank, k=4, min_count=20)[0]
+    assert "Kim Lo lives in" not in probes and "Kim Lo was born in" not in probes   # the edit's relation (shared answers)
+    assert set(probes) == {"Kim Lo speaks", "The employer of Kim Lo is", "Kim Lo once said"}
+    assert data.relation_probes([edit], bank, k=2, min_count=20)[0][0] in probes   # fewer when asked, seeded
+    assert data.relation_probes([edit], bank, k=4, min_count=20) == data.relation_probes([edit], bank, k=4, min_count=20)
+    assert data.subject_template("Bla bla. Kim Lo speaks", "Kim Lo") == data.SUBJ + " speaks"

@@ -274,3 +274,28 @@ def test_cli_on_tiny_checkpoint(tmp_path, capsys):
     bad.write_text('{"prompt": "p", "target_new": ""}\n')
     with pytest.raises(SystemExit, match=r"bad\.jsonl:1: target_new: empty target"):
         ev.main(["--ckpt", str(tmp_path / "ck"), "--data", str(bad)])
+
+
+def test_relation_specificity_is_100_unedited_and_drops_when_the_subject_key_is_overwritten():
+    from conftest import tiny_model
+    tok = CharTok()
+    model = tiny_model(3, vocab_size=V, num_hidden_layers=2)
+    em = ev.as_eval_model(model, tok, Template("raw"))
+    edits = [EditRecord("kim lo lives in", "oslo", "rome", "kim lo"), EditRecord("ann pi sings", "jazz", "rock", "ann pi")]
+    probes = [["kim lo speaks", "kim lo works for", "kim lo is a", "kim lo plays the"],
+              ["ann pi was born in", "ann pi owns", "ann pi likes", "ann pi is from"]]
+    snap = ev.relation_snapshot(em, tok, edits, probes, max_new_tokens=4)
+    assert len(snap["pairs"]) >= 4 and set(snap["owner"]) == {0, 1}
+    assert all(a and "." not in a and "," not in a for _, a in snap["pairs"])      # answers cut at punctuation
+    same = ev.evaluate_relation_specificity(em, tok, edits, snap)
+    assert same["Relation specificity (unchanged, tf)"]["value"] == 100.0
+    assert same["Relation specificity (own > new)"]["n"] == 2
+    # a rank-one write on the down projection, keyed on the subject's last token: the subject's other facts move
+    with torch.no_grad():
+        trace = model.forward_trace(torch.tensor([tok.encode("kim lo")]))
+        k = trace.ffn_in[0][0, -1]
+        g = torch.Generator().manual_seed(0)
+        v = torch.randn(model.config.hidden_size, generator=g) * 50
+        model.layers[0].mlp.down_proj.weight += torch.outer(v, k) / k.dot(k)
+    hit = ev.evaluate_relation_specificity(em, tok, edits, snap)
+    assert hit["Relation specificity (unchanged, tf)"]["value"] < 100.0

@@ -21,6 +21,7 @@ NSE_TINY = dict(v_steps=8, stats_tokens=1000)
 PROMPTS = ["Where does Kim Lo live?", "Where does Ann Pi live?"]
 TARGETS, SUBJECTS = ["Oslo", "Lima"], ["Kim Lo", "Ann Pi"]
 ASK = PROMPTS + ["What is red?"]
+UNRELATED = ["What is red?", "Who wrote Hamlet?", "How many legs does a spider have?", "Which planet is closest to the sun?"]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def root(tmp_path_factory):
 def make(method, root):
     model, tok = llama.load(root / "ckpt")
     if method == "scen":
-        return scen.Editor(model, tok, scen.Settings(**SCEN_TINY), template="raw")
+        return scen.Editor(model, tok, scen.Settings(**SCEN_TINY), template="raw", unrelated=UNRELATED)
     return nse.Editor(model, tok, nse.Settings(**NSE_TINY), stats_text=root / "corpus.txt", cache_dir=root / "cache")
 
 
