@@ -781,6 +781,8 @@ def parser(method) -> argparse.ArgumentParser:
     a("--resume", action="store_true", help="continue the run in --out (same settings, data, checkpoint)")
     a("--load-edits", metavar="OUT", help="a run folder whose edits answer --prompt")
     a("--prompt", help="with --load-edits: the prompt to answer")
+    a("--export", metavar="OUT", help="methods whose result is a plain checkpoint (NSE, MEMIT, AlphaEdit): write "
+      "OUT/model from the edits saved in the run folder OUT, finished or not (--export-dtype applies)")
     a("--no-baseline", action="store_true", help="skip evaluating the unedited model")
     a("--no-fluency", action="store_true", help="CounterFact: skip the Fluency generations")
     a("--max-new-tokens", type=at_least(1), default=32, help="generation length for answers")
@@ -846,6 +848,8 @@ def run(method, argv=None, log=say) -> "Report | None":
     try:
         if args.load_edits:
             return query(method, args, log)
+        if args.export:
+            return export_run(method, args, log)
         return _edit_run(method, args, log)
     except (RunError, data.DataError, llama.CheckpointError) as e:         # found before any work
         raise SystemExit(f"error: {e}")
@@ -856,11 +860,7 @@ def query(method, args, log=say):
     if not args.prompt:
         raise RunError("--load-edits needs --prompt")
     out = Path(args.load_edits)
-    if not (out / "run.json").exists():
-        raise RunError(f"{out}: no run.json (not a run folder)")
-    run_info = json.loads((out / "run.json").read_text())
-    if run_info["method"] != method.name:
-        raise RunError(f"{out}/run.json: method: the run is {run_info['method']}, not {method.name}")
+    run_info = _run_info(method, out)
     model, tok = llama.load(run_info["ckpt"], args.device, args.dtype)
     ed = method.load(out, model, tok)
     answer = ed.generate([args.prompt], args.max_new_tokens)[0]
@@ -868,6 +868,30 @@ def query(method, args, log=say):
         print(ed.note(), file=sys.stderr)
     log(answer)
     return answer
+
+
+def _run_info(method, out: Path) -> dict:
+    if not (out / "run.json").exists():
+        raise RunError(f"{out}: no run.json (not a run folder)")
+    run_info = json.loads((out / "run.json").read_text())
+    if run_info["method"] != method.name:
+        raise RunError(f"{out}/run.json: method: the run is {run_info['method']}, not {method.name}")
+    if not method.saved(out):
+        raise RunError(f"{out}: the run holds no saved edits yet")
+    return run_info
+
+
+def export_run(method, args, log=say):
+    """--export OUT: the edited model of a run folder as a plain checkpoint, OUT/model."""
+    if not hasattr(method, "export"):
+        raise RunError(f"--export: {method.name}'s edits are not a plain checkpoint (they need its router)")
+    out = Path(args.export)
+    run_info = _run_info(method, out)
+    model, tok = llama.load(run_info["ckpt"], args.device, args.dtype)
+    ed = method.load(out, model, tok)
+    dtype = ed.export(out / "model", tokenizer_dir=run_info["ckpt"], dtype=args.export_dtype)
+    log(f"{out / 'model'}: the model after {ed.n_edits} edits, weights in {dtype}")
+    return out / "model"
 
 
 def _edit_run(method, args, log):

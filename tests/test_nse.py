@@ -2,6 +2,7 @@
 import json
 import random
 import subprocess
+import shutil
 import sys
 
 import pytest
@@ -312,6 +313,9 @@ def test_save_and_resume_reproduce_the_weights(tiny_ckpt, tmp_path, monkeypatch,
     half = nse.load_file(str(tmp_path / "part" / "nse_state.safetensors"))
     assert not torch.equal(half["W.1"], full["W.1"])               # the state after batch 1 only
     assert not (tmp_path / "part" / "model").exists()              # exported once, at the end
+    nse.main(["--export", str(tmp_path / "part"), "--export-dtype", "float32"])   # ... or by a command, any time
+    assert torch.equal(llama.Llama.from_pretrained(tmp_path / "part" / "model").layers[1].mlp.down_proj.weight, half["W.1"])
+    shutil.rmtree(tmp_path / "part" / "model")
     monkeypatch.setattr(nse, "edit_batch", real)
     rep = nse.main(args + ["--out", str(tmp_path / "part"), "--resume"])
     assert "Efficacy" in rep.sections[method] and len(calls) == 2
