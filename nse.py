@@ -12,7 +12,10 @@ An edit request is (prompt containing a subject, new target). Per batch of reque
   4. Cp     accumulate K K^T of the batch, so later batches protect earlier edits.
 C0 = E[k k^T] over a text corpus is the prior that protects everything else; it is computed on the
 unedited model once and cached as safetensors under --cache-dir (key: checkpoint weights, layer,
-corpus, token count). MEMIT (--method memit): all neurons, no rewinding, one pass.
+corpus, token count). z depends only on the original weights: it is cached per request (ZCache).
+Baselines: MEMIT (--method memit): all neurons, no rewinding, one pass. AlphaEdit (--method
+alphaedit; Fang et al., ICLR 2025): MEMIT's z and keys, the update confined to the null space of
+C0 (null_space_projector, solve_projected_update), Cp protecting earlier batches, one pass.
 Step numbers ("step 1".."step 5") refer to the NSE section of shared/docs/METHODS.md.
 
     python nse.py                                    # the demo world, end to end
