@@ -191,7 +191,7 @@ def plot(results_dir: Path, n: int):
              "|---|---|" + "---|" * (len(cols) + 2)]
     any_run = next(iter(runs.values()))
     u = any_run["unedited"]
-    lines.append("| unedited | 0 | " + " | ".join(f"{u[c]:.2f}" for c in cols)
+    lines.append(f"| unedited (all {any_run['n']} records) | 0 | " + " | ".join(f"{u[c]:.2f}" for c in cols)
                  + f" | {u['retention_efficacy_first100']:.1f} | |")
     for m, r in runs.items():
         for e in r["evals"]:
@@ -202,6 +202,11 @@ def plot(results_dir: Path, n: int):
     table = "\n".join(lines)
     (results_dir / f"long_n{n}.md").write_text(table + "\n")
     print(table)
+    readme = ROOT / "README.md"                       # the README's copy, between its markers
+    text = readme.read_text()
+    a, b = "<!-- long-table -->\n", "<!-- /long-table -->"
+    if a in text and b in text:
+        readme.write_text(text[:text.index(a) + len(a)] + table + "\n" + text[text.index(b):])
     try:
         import matplotlib
         matplotlib.use("Agg")
