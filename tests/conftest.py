@@ -49,13 +49,15 @@ def tiny_checkpoint(ck: Path, **overrides) -> Path:
 
 def edit_files(root: Path, pairs=(("Kim Lo", "Oslo"), ("Ann Pi", "Lima"))) -> Path:
     """Under root: a tiny checkpoint (ckpt/), CounterFact-style edits "<subject> lives in" -> target
-    (true answer Rome, one rephrase, one neighbourhood prompt) in edits.jsonl, and a small corpus
-    (corpus.txt), for tests that run a command line."""
+    (true answer Rome, one rephrase, one neighbourhood prompt) in edits.jsonl, a small corpus
+    (corpus.txt) and SCEN's unrelated prompts (unrelated.jsonl), for tests that run a command line."""
     tiny_checkpoint(root / "ckpt")
     recs = [{"prompt": f"{s} lives in", "subject": s, "target_new": t, "target_true": "Rome",
              "rephrases": [f"The home of {s} is"], "locality": [["Ed Lu lives in", "Rome"]]} for s, t in pairs]
     (root / "edits.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     (root / "corpus.txt").write_text("the cat sat on the mat. a dog ran in the park.\n" * 60)
+    unrelated = ["What is red?", "Who is Bo?", "Where is the park?", "Why did the dog run?"]
+    (root / "unrelated.jsonl").write_text("\n".join(json.dumps({"prompt": q, "target_new": "x"}) for q in unrelated) + "\n")
     return root
 
 

@@ -27,7 +27,7 @@ def argv(method, files, out):
     common = ["--ckpt", str(files / "ckpt"), "--edits", str(files / "edits.jsonl"), "--out", str(out),
               "--no-fluency", "--eval-batch-size", "4"]
     if method == "scen":
-        return common + ["--template", "raw", "--layer", "1", "--expert-lr", "3e-2", "--expert-steps", "30", "--expert-nll", "1",
+        return common + ["--template", "raw", "--unrelated", str(files / "unrelated.jsonl"), "--layer", "1", "--expert-lr", "3e-2", "--expert-steps", "30", "--expert-nll", "1",
                          "--neuron-steps", "100"]
     return common + ["--stats-text", str(files / "corpus.txt"), "--stats-tokens", "400", "--cache-dir",
                      str(files / "cache"), "--layers", "0,1", "--v-steps", "4", "--batch-size", "1"]

@@ -31,6 +31,7 @@ def root(tmp_path_factory):
     (r / "corpus.txt").write_text("the cat sat on the mat. a dog ran in the park.\n" * 60)
     recs = [{"prompt": p, "target_new": t, "subject": s} for p, t, s in zip(PROMPTS, TARGETS, SUBJECTS)]
     (r / "edits.jsonl").write_text("\n".join(json.dumps(x) for x in recs) + "\n")
+    (r / "unrelated.jsonl").write_text("\n".join(json.dumps({"prompt": q, "target_new": "x"}) for q in UNRELATED) + "\n")
     return r
 
 
@@ -82,6 +83,7 @@ def test_nse_load_refuses_a_model_that_is_not_the_unedited_one(root, tmp_path):
 
 def cli(root, out, *extra, template="raw"):
     return ["--ckpt", str(root / "ckpt"), "--edits", str(root / "edits.jsonl"), "--template", template,
+            "--unrelated", str(root / "unrelated.jsonl"),
             "--layer", "1", "--expert-lr", "3e-2", "--expert-steps", "150", "--expert-nll", "1", "--out", str(out), *extra]
 
 
