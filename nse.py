@@ -573,19 +573,21 @@ def derive_scale_defaults(model, tok, records, templates, layers, C0, clamp: flo
             "hidden_norm_median": m, "mahalanobis_q_median": q}
 
 
-def derive_alphaedit_defaults(model, tok, records, templates, layers, C0, threshold=None):
-    """AlphaEdit's nullspace_threshold and l2 for the checkpoint at hand (overridable on the CLI).
-    threshold = the mean eigenvalue of C0 (trace / F, averaged over the edited layers): the null space
-    is the directions with less than average key variance. On SmolLM2-135M (WikiText-2, layers 4-8)
-    this gives 0.024, next to the official absolute 2e-2 for Llama3-8B. l2 = L2_PER_PK2 * median
-    ||P k||^2 at the last edited layer: a lone request's projected solve then realises about
-    1 / (1 + L2_PER_PK2) of its residual, whatever the key scale."""
-    if threshold is None:
-        threshold = sum((C0[l].diagonal().double().mean()).item() for l in layers) / len(layers)
-    P = null_space_projector(C0[layers[-1]], threshold)
-    K, _ = subject_states(model, tok, records, templates, [layers[-1]], layers[-1])
-    pk2 = (P @ K[layers[-1]].double()).pow(2).sum(0).median().item()
-    return {"nullspace_threshold": threshold, "l2": L2_PER_PK2 * pk2, "projected_key_norm2_median": pk2}
+def default_nullspace_threshold(C0, layers) -> float:
+    """AlphaEdit's threshold for the checkpoint at hand: the mean eigenvalue of C0 (trace / F,
+    averaged over the edited layers), so the null space is the directions with less than average
+    key variance. On SmolLM2-135M (WikiText-2, layers 4-8) this is 0.024, next to the official
+    absolute 2e-2 for Llama3-8B."""
+    return sum(C0[l].diagonal().double().mean().item() for l in layers) / len(layers)
+
+
+def default_l2(model, tok, records, templates, P_last, layer) -> dict:
+    """AlphaEdit's ridge: l2 = L2_PER_PK2 * median ||P k||^2 of the batch's keys at the last edited
+    layer, so a lone request's projected solve realises about 1 / (1 + L2_PER_PK2) of its residual,
+    whatever the key scale."""
+    K, _ = subject_states(model, tok, records, templates, [layer], layer)
+    pk2 = (P_last @ K[layer].double()).pow(2).sum(0).median().item()
+    return {"l2": L2_PER_PK2 * pk2, "projected_key_norm2_median": pk2}
 
 
 L2_PER_PK2 = 0.1
@@ -666,14 +668,8 @@ class Editor(ev.Editor):
                                                      self.s.layers, self.C0, self.s.clamp)
                 self.s = replace(self.s, **{k: self.derived[k] for k in ("lam", "alpha", "upper_bound")
                                             if getattr(self.s, k) is None})
-            if self.s.method == "alphaedit" and None in (self.s.nullspace_threshold, self.s.l2):
-                d = derive_alphaedit_defaults(self.model, self.tokenizer, batch, self.contexts,   # first batch
-                                              self.s.layers, self.C0, self.s.nullspace_threshold)
-                self.derived.update(d)
-                self.s = replace(self.s, **{k: d[k] for k in ("nullspace_threshold", "l2") if getattr(self.s, k) is None})
-            if self.s.method == "alphaedit" and self.P is None:       # the projectors, from C0 alone
-                self.P = {l: null_space_projector(self.C0[l], self.s.nullspace_threshold) for l in self.s.layers}
-                self.derived["null_dims"] = {str(l): round(torch.trace(p).item()) for l, p in self.P.items()}
+            if self.s.method == "alphaedit":
+                self._alphaedit_projectors(batch)
             t = time.perf_counter()
             blog = edit_batch(self.model, self.tokenizer, batch, self.contexts, self.s, st, self.C0, self.timer,
                               self.P, self.zcache)
@@ -685,6 +681,20 @@ class Editor(ev.Editor):
             st.log.append(blog)
             rows.append(blog)
         return rows
+
+    def _alphaedit_projectors(self, batch):
+        """The threshold (from C0), one projector per edited layer, then l2 (from the first batch's
+        projected keys); a resumed editor has both settings and only rebuilds the projectors."""
+        if self.s.nullspace_threshold is None:
+            self.s = replace(self.s, nullspace_threshold=default_nullspace_threshold(self.C0, self.s.layers))
+            self.derived["nullspace_threshold"] = self.s.nullspace_threshold
+        if self.P is None:
+            self.P = {l: null_space_projector(self.C0[l], self.s.nullspace_threshold) for l in self.s.layers}
+            self.derived["null_dims"] = {str(l): round(torch.trace(p).item()) for l, p in self.P.items()}
+        if self.s.l2 is None:
+            d = default_l2(self.model, self.tokenizer, batch, self.contexts, self.P[self.s.layers[-1]], self.s.layers[-1])
+            self.derived.update(d)
+            self.s = replace(self.s, l2=d["l2"])
 
     def report_notes(self) -> list[str]:
         total, left = sum(self.timer.values()) or 1.0, sum(len(b["left_above_upper"]) for b in self.log)
