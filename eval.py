@@ -935,13 +935,13 @@ def _edit_run(method, args, log):
     if out:
         out.mkdir(parents=True, exist_ok=True)
         llama.write_json(out / "run.json", info if old is None else old)
-    probes = data.relation_probes(records, data.load_edits(args.edits, args.format)) \
-        if task == "counterfact" and all(r.subject for r in records) else None
     rel = Snapshot(old["relation_snapshot"]) if old is not None and "relation_snapshot" in old else None
-    if probes and any(probes) and rel is None and ed.n_edits == 0:   # the unedited model's answers, first
-        rel = relation_snapshot(ed.eval_model(), tok, records, probes, batch_size=args.eval_batch_size)
-        if out:
-            llama.write_json(out / "run.json", {**(old or info), "relation_snapshot": dict(rel)})
+    if rel is None and ed.n_edits == 0 and task == "counterfact" and all(r.subject for r in records):
+        probes = data.relation_probes(records, data.load_edits(args.edits, args.format))   # the whole file
+        if any(probes):                                  # the unedited model's answers, before any edit
+            rel = relation_snapshot(ed.eval_model(), tok, records, probes, batch_size=args.eval_batch_size)
+            if out:
+                llama.write_json(out / "run.json", {**(old or info), "relation_snapshot": dict(rel)})
     if rel is not None:
         info = {**info, "relation_snapshot": dict(rel)}
 
