@@ -411,16 +411,23 @@ def evaluate_counterfact(em, tokenizer, edits, *, template: Template | None = No
                                    "generalization": per["gen"][k], "specificity": per["spe"][k]}
                                   for k, r in enumerate(edits)]
     if with_fluency:
-        prompts = [p for r in edits for p in (r.meta.get("generation_prompts") or [r.prompt])]
-        texts = generate_answers(em, tokenizer, template, prompts, max_new_tokens=fluency_tokens,
-                                 batch_size=batch_size, stop_strings=(), temperature=1.0,
-                                 top_k=fluency_top_k, seed=seed, include_prompt=True)
-        out["Fluency"] = metric(fluency(texts), f"ROME n-gram entropy x100: (2/3 H2 + 4/3 H3)/2 in bits "
-                                f"over words of prompt + {fluency_tokens} sampled tokens "
-                                f"(top-{fluency_top_k}, seed {seed})", len(texts))
-        if details is not None:
-            details["fluency_texts"] = texts
+        out.update(evaluate_fluency(em, tokenizer, edits, template=template, tokens=fluency_tokens,
+                                    top_k=fluency_top_k, seed=seed, batch_size=batch_size, details=details))
     return out
+
+
+def evaluate_fluency(em, tokenizer, edits, *, template: Template | None = None, tokens: int = 100,
+                     top_k: int = 5, seed: int = 0, batch_size: int = 16, details: dict | None = None) -> dict:
+    """Fluency (ROME): 100 * mean ngram_entropy(prompt + generation) over the records' generation
+    prompts (their edit prompts when they have none), `tokens` tokens sampled top-k, seeded."""
+    template = template or Template("raw")
+    prompts = [p for r in edits for p in (r.meta.get("generation_prompts") or [r.prompt])]
+    texts = generate_answers(em, tokenizer, template, prompts, max_new_tokens=tokens, batch_size=batch_size,
+                             stop_strings=(), temperature=1.0, top_k=top_k, seed=seed, include_prompt=True)
+    if details is not None:
+        details["fluency_texts"] = texts
+    return {"Fluency": metric(fluency(texts), f"ROME n-gram entropy x100: (2/3 H2 + 4/3 H3)/2 in bits over "
+                              f"words of prompt + {tokens} sampled tokens (top-{top_k}, seed {seed})", len(texts))}
 
 
 # --------------------------------------------------------------------------------------------
