@@ -41,6 +41,9 @@ import eval as evaluation  # noqa: E402
 import llama  # noqa: E402
 import nse  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_llama  # noqa: E402  (its peak-RSS reader)
+
 SHARED = ROOT.parent / "shared"
 RESULTS = ROOT / "bench" / "results"
 
@@ -63,14 +66,6 @@ def held_out_passages(path: Path, n_chars: int, tok, max_tokens: int = 512) -> l
             out.append(("", " ".join(cur)))
             cur = []
     return out
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (VmHWM), MB (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def norms(ed) -> dict:
@@ -97,7 +92,7 @@ def cheap_figures(ed, tok, records, n_done, batch) -> dict:
 def full_figures(em, tok, records, fluency_records, passages) -> dict:
     t = time.perf_counter()
     out = {k: v["value"] for k, v in evaluation.evaluate_counterfact(em, tok, records, with_fluency=False).items()}
-    flu = evaluation.evaluate_counterfact(em, tok, fluency_records, with_fluency=True)["Fluency"]["value"]
+    flu = evaluation.evaluate_fluency(em, tok, fluency_records)["Fluency"]["value"]
     ppl = evaluation.evaluate_perplexity(em, tok, passages, name="PPL")
     out.update({"Fluency": flu, "WikiText-2 PPL": ppl["PPL (token-weighted)"]["value"],
                 "eval_seconds": time.perf_counter() - t})
@@ -144,8 +139,7 @@ def run(args):
         t = time.perf_counter()
         em = ed.eval_model()
         res["unedited"] = full_figures(em, tok, records, fluency_records, passages)
-        res["unedited"]["retention_efficacy_first100"] = evaluation.evaluate_counterfact(
-            em, tok, records[:100], with_fluency=False)["Efficacy"]["value"]
+        res["unedited"]["retention_efficacy_first100"] = efficacy(em, tok, records[:100])
         print(f"unedited: {res['unedited']} ({time.perf_counter() - t:.0f} s)", flush=True)
         write(out, res)
     done_rows = res["rows"][-1]["n_done"] if res["rows"] else 0
@@ -155,7 +149,7 @@ def run(args):
             row = {"n_done": n_done, "seconds": ed.log[-1]["seconds"], "batch_log": {
                 k: ed.log[-1].get(k) for k in ("note", "left_above_upper")}, "time_shares": dict(ed.timer)}
             row.update(cheap_figures(ed, tok, records, n_done, args.batch_size))
-            row["peak_rss_mb"] = peak_rss_mb()
+            row["peak_rss_mb"] = bench_llama.maxrss_bytes() / 2**20          # VmHWM
             res["rows"].append(row)
             if n_done % args.eval_every == 0 or n_done == args.n:
                 step = 1 if n_done == args.n else -(-n_done // args.eval_max)      # every k-th edit so far
