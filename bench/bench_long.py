@@ -171,8 +171,8 @@ def run(args):
     return res
 
 
-def plot(results_dir: Path, n: int):
-    """The markdown table and the PNG of the curves from the long_*_n{n}.json files."""
+def load_runs(results_dir: Path, n: int) -> dict:
+    """The long_<method>_n{n}.json files there are, by method."""
     runs = {}
     for m in ("nse", "memit", "alphaedit"):
         p = results_dir / f"long_{m}_n{n}.json"
@@ -180,6 +180,12 @@ def plot(results_dir: Path, n: int):
             runs[m] = json.loads(p.read_text())
     if not runs:
         raise SystemExit(f"no long_*_n{n}.json in {results_dir}")
+    return runs
+
+
+def long_table(results_dir: Path, n: int = 1000) -> str:
+    """The README's markdown table from the JSONs: the unedited row, then every evaluation of every method."""
+    runs = load_runs(results_dir, n)
     cols = ["Efficacy", "Generalization", "Specificity", "Fluency", "WikiText-2 PPL"]
     lines = ["| method | edits | " + " | ".join(cols) + " | retention (first 100) | s/edit |",
              "|---|---|" + "---|" * (len(cols) + 2)]
@@ -193,14 +199,16 @@ def plot(results_dir: Path, n: int):
             secs = sum(x["seconds"] for x in r["rows"] if x["n_done"] <= e["n_done"]) / e["n_done"]
             lines.append(f"| {m} | {e['n_done']} | " + " | ".join(f"{e[c]:.2f}" for c in cols)
                          + f" | {row['retention_efficacy_first100']:.1f} | {secs:.1f} |")
-    table = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def plot(results_dir: Path, n: int):
+    """The markdown table (long_n{n}.md, and the README's copy via bench/run.py) and the PNG of the curves."""
+    runs = load_runs(results_dir, n)
+    any_run = next(iter(runs.values()))
+    table = long_table(results_dir, n)
     (results_dir / f"long_n{n}.md").write_text(table + "\n")
     print(table)
-    readme = ROOT / "README.md"                       # the README's copy, between its markers
-    text = readme.read_text()
-    a, b = "<!-- long-table -->\n", "<!-- /long-table -->"
-    if a in text and b in text:
-        readme.write_text(text[:text.index(a) + len(a)] + table + "\n" + text[text.index(b):])
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -1,0 +1,327 @@
+"""
+bench/run.py: one entry point for the benchmarks behind the README's tables.
+
+    python bench/run.py --suite quick     # minutes: every method on a few edits, its own small table
+    python bench/run.py --suite full      # the real protocols (hours, resumable), then the README's tables
+    python bench/run.py --tables          # rewrite the README's tables from the JSONs in bench/results
+
+`quick` is what a contributor runs before a pull request: SmolLM2-135M-Instruct (converted from
+../shared on first use), 8 ZsRE edits for SCEN and FT (chat template), 10 CounterFact edits in one
+batch for NSE, MEMIT and AlphaEdit (C0 from 20k WikiText-2 tokens), each through its CLI with
+--out, then bench/results/quick/quick.json and quick.md. Which figures are exact: every accuracy
+figure is a function of the code, the data and the CPU's float kernels (one thread), so a rerun on
+unchanged code on the same machine gives the same digits; seconds vary with the machine's load.
+
+`full` runs, for each table, the commands of its protocol whose JSON is missing (each resumes
+where it stopped; --force reruns), then rewrites every README table from the JSONs. A README
+table is the text between `<!-- name -->` and `<!-- /name -->`; tests/test_readme_tables.py
+checks that each one equals what `tables()` makes of the JSONs beside it.
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT / "bench"))
+PY = sys.executable
+
+
+def machine(threads: int) -> dict:
+    import torch
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": threads,
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def load(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def fmt(x, digits: int = 1) -> str:
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The cross table: every method on both tasks, 200 sequential edits each
+
+ZSRE_CMD = ("--ckpt {sft}/sft --edits {sft}/d_edit.jsonl --loc {sft}/d_loc.jsonl --n 200 --template chatml "
+            "--system '' --threads 1")
+CF_CMD = "--ckpt {smol} --edits {shared}/data/counterfact/counterfact-edit.json --n 200 --threads 1"
+# (row label, script, method flags, protocol note, ZsRE JSON, CounterFact JSON); a JSON absent = not run
+CROSS = [
+    ("SCEN (rank-4 experts)", "scen.py", "--unrelated {u900}", "batch 1; routed (experts + neurons)",
+     "harness_scen_smollm2_n200_lowrank4.json", "cross/scen_counterfact.json"),
+    ("SCEN (full experts)", "scen.py", "--expert full --unrelated {u900}", "batch 1; routed (experts + neurons)",
+     "harness_scen_smollm2_n200.json", "cross/scen_full_counterfact.json"),
+    ("FT (down projection)", "scen.py", "--method ft", "batch 1; plain checkpoint",
+     "scen_smollm2_ft.json", "cross/ft_counterfact.json"),
+    ("NSE", "nse.py", "--method nse --batch-size 20", "batches of 20; plain checkpoint",
+     "cross/nse_zsre.json", "harness_nse_smollm2_n200.json"),
+    ("MEMIT", "nse.py", "--method memit --batch-size 20", "batches of 20; plain checkpoint",
+     "cross/memit_zsre.json", "nse_smollm2_memit_n200.json"),
+    ("AlphaEdit", "nse.py", "--method alphaedit --batch-size 20", "batches of 20; plain checkpoint",
+     "cross/alphaedit_zsre.json", "cross/alphaedit_counterfact.json"),
+]
+GT = ("gen", "tf")
+
+
+def harness_figures(res: dict | None) -> tuple[dict, dict]:
+    """(unedited, edited) metric -> value of a run's JSON: the CLIs' results.json, or the older
+    bench_scen.py ({"unedited": .., "ft": ..}) and bench_nse.py ({"rows": {"memit (ours), after 200": ..}})."""
+    if res is None:
+        return {}, {}
+    val = lambda d: {k: (v["value"] if isinstance(v, dict) else v) for k, v in d.items()}
+    if "results" in res:
+        r = res["results"]
+        return val(r.get("unedited", {})), val(next((v for k, v in r.items() if k != "unedited"), {}))
+    if "rows" in res:
+        return {}, next(v for k, v in res["rows"].items() if "(ours)" in k)
+    return val(res.get("unedited", {})), val(next(res[k] for k in ("ft", "scen") if k in res))
+
+
+def _pair(d: dict, name: str) -> str:
+    if f"{name} (gen)" not in d:
+        return "not run"
+    return f"{d[f'{name} (gen)']:.1f} / {d[f'{name} (tf)']:.1f}"
+
+
+def cross_table(results: Path = RESULTS) -> str:
+    head = ("| method | ZsRE Reliability | ZsRE Generality | ZsRE Locality | CF Efficacy | CF Generalization "
+            "| CF Specificity | Relation specificity (unchanged / own > new) | s/edit (ZsRE; CF) | protocol |")
+    lines = [head, "|" + "---|" * 10]
+    unedited_qa, unedited_cf, rows = {}, {}, []
+    for label, _, _, note, zj, cj in CROSS:
+        uz, z = harness_figures(load(results / zj))
+        u, c = harness_figures(load(results / cj))
+        unedited_qa, unedited_cf = unedited_qa or uz, unedited_cf or u
+        rel = c
+        if "Relation specificity (own > new)" not in c and label == "NSE":   # measured on that run's folder
+            rel = (load(results / "relation_nse_smollm2_n200.json") or {}).get("edited", {})
+        cf = [fmt(c.get(k)) or "not run" for k in ("Efficacy", "Generalization", "Specificity")]
+        secs = f"{fmt(z.get('s/edit (mean)')) or '-'}; {fmt(c.get('s/edit (mean)', c.get('s_per_edit'))) or '-'}"
+        rows.append(f"| {label} | {_pair(z, 'Reliability')} | {_pair(z, 'Generality')} | {_pair(z, 'Locality')} | "
+                    + " | ".join(cf) + f" | {_relation(rel)} | {secs} | {note} |")
+    u, uz = unedited_cf, unedited_qa
+    ur = (load(results / "relation_nse_smollm2_n200.json") or {}).get("unedited", {})
+    lines.append(f"| unedited | {_pair(uz, 'Reliability')} | {_pair(uz, 'Generality')} | {_pair(uz, 'Locality')} | "
+                 + " | ".join(fmt(u.get(k)) for k in ("Efficacy", "Generalization", "Specificity"))
+                 + f" | {_relation(ur)} | | |")
+    return "\n".join(lines + rows)
+
+
+def _relation(d: dict) -> str:
+    if "Relation specificity (own > new)" not in d:
+        return "not run"
+    return f"{d['Relation specificity (unchanged, tf)']:.1f} / {d['Relation specificity (own > new)']:.1f}"
+
+
+def cross_commands(sft: str, smol: str, u900: str, runs: Path) -> list[tuple[Path, list[str], Path]]:
+    """(JSON, argv, run folder) of every cross-table cell, in the table's order."""
+    out = []
+    for label, script, flags, _, zj, cj in CROSS:
+        for task, js, base in (("zsre", zj, ZSRE_CMD), ("counterfact", cj, CF_CMD)):
+            f = flags if task == "zsre" or script == "nse.py" else flags.replace("--unrelated {u900}", "")
+            cmd = f"{script} {base} {f}".format(sft=sft, smol=smol, shared=SHARED, u900=u900)
+            run_dir = runs / "cross" / Path(js).stem
+            out.append((RESULTS / js, cmd.split(), run_dir))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# SCEN over all of D_edit, and at Llama-2-7B shapes (bench_scen_long.py)
+
+def scen_long_table(results: Path = RESULTS) -> str:
+    lines = ["| experts | edits | Reliability | Generality | Locality | first 100 after 100 / 500 / last "
+             "| CPU s/edit first 100 -> last 100 | storage / edit | latency, all experts / unedited |",
+             "|" + "---|" * 9]
+    for kind in ("lowrank", "full"):
+        r = next((load(p) for p in sorted(results.glob(f"scen_long_{kind}_n*.json"))), None)
+        if r is None:
+            lines.append(f"| {kind} | not run | | | | | | | |")
+            continue
+        f = r.get("final")
+        ret = {x["edits"]: x for x in r["retention"]}
+        pick = [ret[k] for k in (100, 500) if k in ret] + ([r["retention"][-1]] if r["retention"] else [])
+        rtxt = " / ".join(f"{x['Reliability (gen)']:.0f}" for x in pick) or "-"
+        done = r["retention"][-1]["edits"] if r["retention"] else 0
+        if f is None:
+            lines.append(f"| {kind} | {done} of {r['n']} (running) | | | | {rtxt} | | | |")
+            continue
+        c = r["cpu_s_per_edit"]
+        lines.append(f"| {kind} | {r['n']} | {_pair(f, 'Reliability')} | {_pair(f, 'Generality')} | "
+                     f"{_pair(f, 'Locality')} | {rtxt} | {c['first_100']:.2f} -> {c['last_100']:.2f} "
+                     f"({c['ratio']:.2f}x) | {r['storage_bytes_per_edit'] / 1024:.0f} KB | "
+                     f"{r['latency']['ratio']:.3f}x |")
+    s = next((load(p) for p in sorted(results.glob("scen_long_scale7b_n*.json"))), None)
+    if s is not None and "projection_1037" in s:
+        m, p = s["memory"], s["projection_1037"]
+        lines.append(f"| lowrank, Llama-2-7B shapes (bf16, random) | {len(m)} | RSS {m[0]['rss_mb'] / 1024:.2f} -> "
+                     f"{m[-1]['rss_mb'] / 1024:.2f} GiB | {p['rss_mb_per_edit']:.2f} MB RSS / edit | at 1,037 edits: "
+                     f"{p['rss_mb_at_1037'] / 1024:.2f} GiB RSS, {p['disk_mb_at_1037']:.0f} MB on disk | | "
+                     f"{s['cpu_s_per_edit']['first_100']:.1f} s | {s['storage_bytes_per_edit'] / 1024:.0f} KB | |")
+    return "\n".join(lines)
+
+
+def long_table(results: Path = RESULTS) -> str:
+    import bench_long
+    return bench_long.long_table(results, 1000)
+
+
+TABLES = {"cross-table": cross_table, "scen-long-table": scen_long_table, "long-table": long_table}
+
+
+def tables(text: str, results: Path = RESULTS) -> str:
+    """`text` with every `<!-- name -->` ... `<!-- /name -->` block of TABLES remade from the JSONs."""
+    for name, make in TABLES.items():
+        a, b = f"<!-- {name} -->\n", f"<!-- /{name} -->"
+        if a in text and b in text:
+            i, j = text.index(a) + len(a), text.index(b)
+            text = text[:i] + make(results) + "\n" + text[j:]
+    return text
+
+
+def write_tables(readme: Path = ROOT / "README.md"):
+    old = readme.read_text()
+    new = tables(old)
+    if new != old:
+        readme.write_text(new)
+    print(f"README tables {'rewritten' if new != old else 'unchanged'}: {', '.join(TABLES)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Suites
+
+def smollm2(path: Path) -> Path:
+    """SmolLM2-135M-Instruct as a checkpoint folder, converted from ../shared on first use."""
+    if (path / "config.json").exists():
+        return path
+    tool = SHARED / "tools" / "smollm2_from_gguf.py"
+    if not tool.exists():
+        raise SystemExit(f"no checkpoint at {path} and no {tool} to make one (pass --ckpt)")
+    subprocess.run([PY, str(tool), str(path)], check=True)
+    return path
+
+
+def run_cli(argv: list[str], run_dir: Path, log: Path) -> float:
+    """One CLI run into run_dir (resumed if it holds an unfinished run); its wall seconds."""
+    t = time.perf_counter()
+    resume = ["--resume"] if (run_dir / "run.json").exists() else []
+    with open(log, "a") as f:
+        subprocess.run([PY, *argv, "--out", str(run_dir), *resume], cwd=ROOT, check=True, stdout=f,
+                       stderr=subprocess.STDOUT)
+    return time.perf_counter() - t
+
+
+def quick(args):
+    smol = smollm2(Path(args.ckpt))
+    out = RESULTS / "quick"
+    runs = Path(args.runs) / "quick"
+    if runs.exists():
+        shutil.rmtree(runs)
+    runs.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
+    zsre = SHARED / "data" / "zsre"
+    cf = SHARED / "data" / "counterfact" / "counterfact-edit.json"
+    wiki = SHARED / "data" / "wikitext" / "wikitext-2-raw-test.txt"
+    qa = [*f"--ckpt {smol} --edits {zsre}/zsre_mend_edit.json --n 8 --template chatml".split(), "--system", "",
+          *f"--unrelated {zsre}/zsre_mend_train-1k.json --threads 1".split()]
+    comp = (f"--ckpt {smol} --edits {cf} --n 10 --batch-size 10 --stats-text {wiki} --stats-tokens 20000 "
+            f"--cache-dir {runs}/cache --no-fluency --threads 1").split()
+    lanes = [[("scen", ["scen.py", *qa]), ("ft", ["scen.py", *qa, "--method", "ft"])],
+             [(m, ["nse.py", *comp, "--method", m]) for m in ("nse", "memit", "alphaedit")]]
+    if args.no_parallel:
+        lanes = [lanes[0] + lanes[1]]
+    t0 = time.perf_counter()
+
+    def lane_runs(lane):                               # one lane's runs in order, one thread each
+        for name, argv in lane:
+            print(f"quick: {name} ...", flush=True)
+            run_cli(argv, runs / name, runs / f"{name}.log")
+
+    with ThreadPoolExecutor(len(lanes)) as pool:       # two lanes side by side on a 2-core machine
+        for f in [pool.submit(lane_runs, lane) for lane in lanes]:
+            try:
+                f.result()
+            except subprocess.CalledProcessError as e:
+                raise SystemExit(f"a quick run failed ({e.cmd[1]}): see the logs in {runs}")
+    res = {"machine": machine(1), "wall_seconds": time.perf_counter() - t0, "runs": {}}
+    for lane in lanes:
+        for name, argv in lane:
+            u, e = harness_figures(load(runs / name / "results.json"))
+            res["runs"][name] = {"command": " ".join(argv), "unedited": u, "edited": e}
+    (out / "quick.json").write_text(json.dumps(res, indent=1) + "\n")
+    table = quick_table(res)
+    (out / "quick.md").write_text(table + "\n")
+    print(table)
+    print(f"\n{res['wall_seconds']:.0f} s; bench/results/quick/quick.json, quick.md")
+
+
+def quick_table(res: dict) -> str:
+    lines = ["| run | task | Reliability / Efficacy | Generality | Locality / Specificity | "
+             "Relation specificity (unchanged / own > new) | s/edit |", "|" + "---|" * 7]
+    for name, r in res["runs"].items():
+        e = r["edited"]
+        if "Reliability (gen)" in e:
+            cells = ["ZsRE, 8 edits (gen / tf)", _pair(e, "Reliability"), _pair(e, "Generality"),
+                     _pair(e, "Locality") if "Locality (gen)" in e else "-", "-"]
+        else:
+            rel = (f"{e['Relation specificity (unchanged, tf)']:.1f} / {e['Relation specificity (own > new)']:.1f}"
+                   if "Relation specificity (own > new)" in e else "-")
+            cells = ["CounterFact, 10 edits", *(fmt(e.get(k)) for k in ("Efficacy", "Generalization", "Specificity")),
+                     rel]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt(e.get('s/edit (mean)'))} |")
+    return "\n".join(lines)
+
+
+def full(args):
+    sft = Path(args.sft)
+    smol = smollm2(Path(args.ckpt))
+    runs = Path(args.runs)
+    (runs / "cross").mkdir(parents=True, exist_ok=True)
+    (RESULTS / "cross").mkdir(parents=True, exist_ok=True)
+    if not (sft / "sft" / "config.json").exists():
+        subprocess.run([PY, "bench/bench_sft_zsre.py", "--ckpt", str(smol), "--out", str(sft)], cwd=ROOT, check=True)
+    for js, argv, run_dir in cross_commands(str(sft), str(smol), args.unrelated, runs):
+        if js.exists() and not args.force:
+            continue
+        print(f"{js.relative_to(ROOT)}: python {' '.join(argv)}", flush=True)
+        run_cli(argv, run_dir, runs / "cross" / f"{run_dir.name}.log")
+        shutil.copyfile(run_dir / "results.json", js)
+    for js, argv in [(RESULTS / f"long_{m}_n1000.json", ["bench/bench_long.py", "--method", m, "--ckpt", str(smol)])
+                     for m in ("nse", "memit", "alphaedit")]:
+        if not (js.exists() and "final" in (load(js) or {})) or args.force:
+            subprocess.run([PY, *argv], cwd=ROOT, check=True)
+    write_tables()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", choices=("quick", "full"), help="quick: minutes, its own table; full: the README's")
+    p.add_argument("--tables", action="store_true", help="only rewrite the README's tables from the JSONs")
+    p.add_argument("--ckpt", default=str(Path.home() / ".cache/llama-edit-bench/smollm2"),
+                   help="SmolLM2-135M-Instruct folder (converted from ../shared if absent)")
+    p.add_argument("--sft", default=str(Path.home() / ".cache/llama-edit-bench/sft_zsre"),
+                   help="the SFT model and D_edit / D_loc (bench_sft_zsre.py's output)")
+    p.add_argument("--unrelated", default=str(SHARED / "data/zsre/zsre_mend_train-1k.json"),
+                   help="SCEN's unrelated prompts on ZsRE")
+    p.add_argument("--runs", default=str(Path.home() / ".cache/llama-edit-bench/runs"), help="run folders")
+    p.add_argument("--force", action="store_true", help="full: rerun cells whose JSON exists")
+    p.add_argument("--no-parallel", action="store_true", help="quick: one lane instead of two")
+    args = p.parse_args()
+    if args.tables:
+        return write_tables()
+    if not args.suite:
+        p.error("--suite quick|full or --tables")
+    quick(args) if args.suite == "quick" else full(args)
+
+
+if __name__ == "__main__":
+    main()
