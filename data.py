@@ -813,6 +813,20 @@ DEMO_RELATIONS = {
                 "completion": ["The capital of {s} is", "The capital city of {s} is"]},
 }
 
+# The NSE demo's completions end with the subject, so that its last token is where the answer is
+# read. On a pretrained model a fact is recalled at the subject's last token whatever follows (ROME's
+# causal tracing, which NSE / MEMIT / AlphaEdit build on); a 6-layer model trained on 210 facts reads
+# the person off the prompt's last token instead (measured: with "{s} works for", even an
+# unconstrained z at the subject flips 15 of 30 edits), so the demo puts the two tokens together.
+DEMO_SUBJECT_LAST = {
+    "born_in": ["The birthplace of {s}", "The city of birth of {s}"],
+    "works_for": ["The employer of {s}", "The company employing {s}"],
+    "speaks": ["The mother tongue of {s}", "The language spoken by {s}"],
+    "based_in": ["The home city of {s}", "The headquarters city of {s}"],
+    "in_country": ["The country of {s}", "The nation containing {s}"],
+    "capital": ["The capital of {s}", "The capital city of {s}"],
+}
+
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr",
            "gr", "kr", "st", "th", "sh", "tr"]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ou", "ea"]
@@ -871,14 +885,16 @@ def _make_names(rng: random.Random, k: int, syllables: tuple[int, int], taken: s
 
 
 def demo_world(seed: int = 0, n_people: int = 60, n_countries: int = 5, cities_per_country: int = 3,
-               n_orgs: int = 10, n_edits: int = 30, n_locality: int = 2) -> DemoWorld:
+               n_orgs: int = 10, n_edits: int = 30, n_locality: int = 2,
+               completions: dict | None = None) -> DemoWorld:
     """Generate the demo world deterministically from `seed` (same seed -> same world).
 
     Entities: invented countries (each with a language and `cities_per_country` cities, the
     first being the capital), organisations based in cities, and people born in a city,
     working for an organisation and speaking a language. Relations and phrasings: see
     DEMO_RELATIONS. Edits: `n_edits` facts of distinct subjects, each given another value of
-    the same kind as its counterfactual target.
+    the same kind as its counterfactual target. `completions`: relation -> completion phrasings
+    replacing DEMO_RELATIONS' (e.g. DEMO_SUBJECT_LAST); the facts and edits stay the same.
     """
     rng = random.Random(seed)
     taken: set = set()
@@ -914,12 +930,13 @@ def demo_world(seed: int = 0, n_people: int = 60, n_countries: int = 5, cities_p
         facts.append(DemoFact(p, "works_for", rng.choice(orgs)))
         facts.append(DemoFact(p, "speaks", rng.choice(languages)))
     values = {"city": cities, "org": orgs, "language": languages, "country": countries}
+    phrasings = {r: (completions or {}).get(r, v["completion"]) for r, v in DEMO_RELATIONS.items()}
 
     def qa(f, k):
         return DEMO_RELATIONS[f.relation]["qa"][k].format(s=f.subject)
 
     def comp(f, k):
-        return DEMO_RELATIONS[f.relation]["completion"][k].format(s=f.subject)
+        return phrasings[f.relation][k].format(s=f.subject)
 
     train, corpus = [], []
     for f in facts:
@@ -927,7 +944,7 @@ def demo_world(seed: int = 0, n_people: int = 60, n_countries: int = 5, cities_p
         for k in range(len(rel["qa"])):
             train.append(EditRecord(qa(f, k), f.answer, subject=f.subject,
                                     meta={"style": "qa", "relation": f.relation, "phrasing": k}))
-        for k in range(len(rel["completion"])):
+        for k in range(len(phrasings[f.relation])):
             train.append(EditRecord(comp(f, k), f.answer, subject=f.subject,
                                     meta={"style": "completion", "relation": f.relation,
                                           "phrasing": k}))
@@ -960,7 +977,7 @@ def demo_world(seed: int = 0, n_people: int = 60, n_countries: int = 5, cities_p
         neigh = rng.sample(same, min(n_locality, len(same)))
         neigh += rng.sample(other, min(len(other), n_locality - len(neigh)))
         edits_cf.append(EditRecord(comp(f, 0), new, f.answer, f.subject,
-                                   [comp(f, k) for k in range(1, len(rel["completion"]))],
+                                   [comp(f, k) for k in range(1, len(phrasings[f.relation]))],
                                    [(comp(facts[j], 0), facts[j].answer) for j in neigh],
                                    [], dict(meta, style="completion")))
     # the unedited subjects in two halves: Locality is asked about one, the other's questions are

@@ -371,6 +371,11 @@ DEMO_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=6, n
 DEMO_TRAIN = TrainConfig(epochs=16, batch_size=32, grad_accum=1, lr=3e-3, warmup=50,
                          schedule="cosine", min_lr_ratio=0.05, weight_decay=0.0, max_grad_norm=1.0,
                          seed=0, dtype="float32", log_every=15.0)
+# The NSE demo's model: the same world with completions that end with the subject
+# (data.DEMO_SUBJECT_LAST) and a wider MLP, whose keys (MLP activations) tell the 60 people apart
+# (measured on the demo world of seed 1, with intermediate size 384: NSE's Specificity 75-87; 1536: 95-98)
+DEMO_MODEL_NSE = dict(DEMO_MODEL, intermediate_size=1536)
+DEMO_KINDS = ("qa", "nse")
 DEMO_VOCAB = 512
 DEMO_CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST]' + m['content'] "
                       "+ '[/INST]' }}{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}")
@@ -382,9 +387,9 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "llama-edit-demo"
 
 
-def _demo_key(world: data.DemoWorld) -> str:
+def _demo_key(world: data.DemoWorld, model: dict | None = None) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"data": data.DEMO_VERSION, "train": DEMO_TRAIN_VERSION, "model": DEMO_MODEL,
+    h.update(json.dumps({"data": data.DEMO_VERSION, "train": DEMO_TRAIN_VERSION, "model": model or DEMO_MODEL,
                          "cfg": asdict(DEMO_TRAIN) | {"log_every": None}, "vocab": DEMO_VOCAB,
                          "chat": DEMO_CHAT_TEMPLATE}, sort_keys=True).encode())
     for part in (world.train, world.edits_qa, world.edits_cf, world.loc_qa, world.unrelated_qa):
@@ -422,7 +427,17 @@ def demo_examples(tokenizer, world: data.DemoWorld) -> list[data.Encoded]:
             + encode_records(tokenizer, data.Template("raw"), comp, add_eos=True))
 
 
-def ensure_demo(cache_dir=None, *, force: bool = False, log=print, threads: int = 1) -> dict:
+def demo_spec(kind: str = "qa") -> tuple[data.DemoWorld, dict]:
+    """(world, model sizes) of a demo: "qa" (SCEN's questions; also the default completions) or
+    "nse" (completions that end with the subject, a wider MLP)."""
+    if kind not in DEMO_KINDS:
+        raise ValueError(f"demo kind {kind!r}: one of {DEMO_KINDS}")
+    if kind == "nse":
+        return data.demo_world(DEMO_SEED, completions=data.DEMO_SUBJECT_LAST), DEMO_MODEL_NSE
+    return data.demo_world(DEMO_SEED), DEMO_MODEL
+
+
+def ensure_demo(cache_dir=None, *, force: bool = False, log=print, threads: int = 1, kind: str = "qa") -> dict:
     """The demo's files, trained on first use (about 1-2 minutes on 2 CPU cores) and cached.
 
     Returns {"dir", "ckpt" (HF folder with the SentencePiece tokenizer), "edits_qa" (SCEN:
@@ -435,8 +450,8 @@ def ensure_demo(cache_dir=None, *, force: bool = False, log=print, threads: int 
     a float sum depends on the thread count, so one thread gives the same demo model on every
     machine with the same CPU kernels (and figures that do not move between machines).
     """
-    world = data.demo_world(DEMO_SEED)
-    key = _demo_key(world)
+    world, sizes = demo_spec(kind)
+    key = _demo_key(world, sizes)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = root / f"demo-{key}"
     paths = {"dir": final, "ckpt": final / "ckpt", "edits_qa": final / "edits_qa.jsonl",
@@ -452,7 +467,7 @@ def ensure_demo(cache_dir=None, *, force: bool = False, log=print, threads: int 
         torch.set_num_threads(threads)
     try:
         t0 = time.perf_counter()
-        log(f"demo: building in {final} (once; about 1-2 minutes on 2 cores)")
+        log(f"demo: building in {final} (once; 1-4 minutes on 2 cores)")
         ckpt = work / "ckpt"
         lines = []
         for r in world.train:
@@ -461,7 +476,7 @@ def ensure_demo(cache_dir=None, *, force: bool = False, log=print, threads: int 
         train_demo_tokenizer(lines, ckpt)
         tok = llama.load_tokenizer(ckpt)
         torch.manual_seed(DEMO_SEED)
-        model = llama.Llama(tiny_config(tok, **DEMO_MODEL))
+        model = llama.Llama(tiny_config(tok, **sizes))
         model.reset_parameters(std=0.02, generator=torch.Generator().manual_seed(DEMO_SEED))
         examples = demo_examples(tok, world)
         t1 = time.perf_counter()
@@ -477,8 +492,8 @@ def ensure_demo(cache_dir=None, *, force: bool = False, log=print, threads: int 
         data.save_jsonl(world.unrelated_qa, work / "unrelated_qa.jsonl")
         data.save_jsonl(world.train, work / "train.jsonl")
         data.atomic_write_text(work / "corpus.txt", "\n".join(world.corpus) + "\n")
-        info = {"key": key, "data_version": data.DEMO_VERSION, "train_version": DEMO_TRAIN_VERSION,
-                "seed": DEMO_SEED, "model": DEMO_MODEL, "vocab_size": tok.vocab_size,
+        info = {"key": key, "kind": kind, "data_version": data.DEMO_VERSION, "train_version": DEMO_TRAIN_VERSION,
+                "seed": DEMO_SEED, "model": sizes, "vocab_size": tok.vocab_size,
                 "train_config": asdict(DEMO_TRAIN), "n_train": len(examples),
                 "train_accuracy_qa": acc_qa, "train_accuracy_completion": acc_comp,
                 "accuracy_protocol": evaluation.GEN, "train_stats": stats,

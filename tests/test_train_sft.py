@@ -146,7 +146,7 @@ def test_demo_cache_key_and_reuse(tmp_path, monkeypatch):
     monkeypatch.setattr(ts, "DEMO_TRAIN", replace(ts.DEMO_TRAIN, epochs=1, warmup=2))
     monkeypatch.setattr(ts, "answer_accuracy", lambda *a, **k: (0.0, []))   # keep the test short
     full_world = data.demo_world
-    small = lambda seed: full_world(seed, n_people=6, n_countries=2, cities_per_country=2, n_orgs=2, n_edits=4)
+    small = lambda seed, **kw: full_world(seed, n_people=6, n_countries=2, cities_per_country=2, n_orgs=2, n_edits=4, **kw)
     monkeypatch.setattr(data, "demo_world", small)
     paths = ts.ensure_demo(tmp_path, log=lambda s: None)
     for k in ("ckpt", "edits_qa", "edits_cf", "loc_qa", "unrelated_qa", "train", "corpus", "info"):
@@ -166,6 +166,18 @@ def test_demo_cache_key_and_reuse(tmp_path, monkeypatch):
     # a changed generator or setting is a new key, never the stale folder
     monkeypatch.setattr(data, "DEMO_VERSION", "changed")
     assert ts._demo_key(data.demo_world(0)) not in str(paths["dir"])
+    # the NSE demo: its own folder; the same facts and edits, completions that end with the subject
+    monkeypatch.setattr(ts, "DEMO_MODEL_NSE", dict(ts.DEMO_MODEL, intermediate_size=96))
+    monkeypatch.setattr(ts, "train", lambda *a, **k: {"seconds": 0.0})
+    nse_paths = ts.ensure_demo(tmp_path, log=lambda s: None, kind="nse")
+    assert nse_paths["dir"] != paths["dir"] and Path(nse_paths["info"]).exists()
+    cf2 = data.load_edits(nse_paths["edits_cf"], require_subject=True)
+    assert [r.subject for r in cf2] == [r.subject for r in cf] and [r.target_new for r in cf2] == [r.target_new for r in cf]
+    assert all(r.prompt.endswith(r.subject) and r.rephrases[0].endswith(r.subject) for r in cf2)
+    assert not any(r.prompt.endswith(r.subject) for r in cf)
+    assert llama.Llama.from_pretrained(nse_paths["ckpt"]).config.intermediate_size == 96
+    with pytest.raises(ValueError, match="demo kind"):
+        ts.demo_spec("memit")
 
 
 def test_cli_init_tiny_split_and_errors(tmp_path, capsys):
@@ -207,8 +219,9 @@ def test_both_no_argument_demos_run_end_to_end(tmp_path, monkeypatch, capsys):
                                                num_attention_heads=4, num_key_value_heads=2))
     monkeypatch.setattr(ts, "DEMO_TRAIN", replace(ts.DEMO_TRAIN, epochs=2, warmup=2))
     full_world = data.demo_world
-    monkeypatch.setattr(data, "demo_world", lambda seed: full_world(seed, n_people=8, n_countries=2, cities_per_country=2,
-                                                                    n_orgs=2, n_edits=3))
+    monkeypatch.setattr(ts, "DEMO_MODEL_NSE", dict(ts.DEMO_MODEL, intermediate_size=96))
+    monkeypatch.setattr(data, "demo_world", lambda seed, **kw: full_world(seed, n_people=8, n_countries=2, cities_per_country=2,
+                                                                          n_orgs=2, n_edits=3, **kw))
     monkeypatch.setattr(scen, "DEMO", ["--expert-steps", "5", "--neuron-steps", "50"])
     figs = scen.main([])
     assert set(figs) == {"unedited", "ft", "scen"}
