@@ -70,7 +70,6 @@ CROSS = [
     ("AlphaEdit", "nse.py", "--method alphaedit --batch-size 20", "batches of 20; plain checkpoint",
      "cross/alphaedit_zsre.json", "cross/alphaedit_counterfact.json"),
 ]
-GT = ("gen", "tf")
 
 
 def harness_figures(res: dict | None) -> tuple[dict, dict]:
