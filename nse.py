@@ -18,7 +18,7 @@ alphaedit; Fang et al., ICLR 2025): MEMIT's z and keys, the update confined to t
 C0 (null_space_projector, solve_projected_update), Cp protecting earlier batches, one pass.
 Step numbers ("step 1".."step 5") refer to the NSE section of shared/docs/METHODS.md.
 
-    python nse.py                                    # the demo world, end to end
+    python nse.py                                    # the demo: its own tiny model, end to end
     python nse.py --ckpt DIR --edits counterfact-edit.json --n 200 --batch-size 20 --out runs/nse
 """
 from __future__ import annotations

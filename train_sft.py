@@ -15,7 +15,8 @@ What is inside
   data.demo_world() (a fictional knowledge base), plus its edit files, cached under
   $EDIT_DEMO_CACHE or ~/.cache/llama-edit-demo/demo-<key>/ where <key> hashes the generator's
   output and every training setting (a changed generator means a new key: never stale).
-  `python scen.py` / `python nse.py` with no arguments call it.
+  `python scen.py` with no arguments uses kind "qa"; `python nse.py` kind "nse" (completions that
+  end with the subject and a wider MLP: see data.DEMO_SUBJECT_LAST).
 
 CLI
 ---

@@ -150,6 +150,7 @@ def run(args):
                 k: ed.log[-1].get(k) for k in ("note", "left_above_upper")}, "time_shares": dict(ed.timer)}
             row.update(cheap_figures(ed, tok, records, n_done, args.batch_size))
             row["peak_rss_mb"] = bench_llama.maxrss_bytes() / 2**20          # VmHWM
+            row["threads"] = torch.get_num_threads()                        # this process's (a resume may differ)
             res["rows"].append(row)
             if n_done % args.eval_every == 0 or n_done == args.n:
                 step = 1 if n_done == args.n else -(-n_done // args.eval_max)      # every k-th edit so far
