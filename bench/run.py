@@ -138,7 +138,7 @@ def cross_commands(sft: str, smol: str, u900: str, runs: Path) -> list[tuple[Pat
 # SCEN over all of D_edit, and at Llama-2-7B shapes (bench_scen_long.py)
 
 def scen_long_table(results: Path = RESULTS) -> str:
-    lines = ["| experts | edits | Reliability | Generality | Locality | first 100 after 100 / 500 / last "
+    lines = ["| experts | edits | Reliability | Generality | Locality | first 100's Reliability (gen), after n edits "
              "| CPU s/edit first 100 -> last 100 | storage / edit | latency, all experts / unedited |",
              "|" + "---|" * 9]
     for kind in ("lowrank", "full"):
@@ -148,8 +148,8 @@ def scen_long_table(results: Path = RESULTS) -> str:
             continue
         f = r.get("final")
         ret = {x["edits"]: x for x in r["retention"]}
-        pick = [ret[k] for k in (100, 500) if k in ret] + ([r["retention"][-1]] if r["retention"] else [])
-        rtxt = " / ".join(f"{x['Reliability (gen)']:.0f}" for x in pick) or "-"
+        keep = sorted({k for k in (100, 500) if k in ret} | ({r["retention"][-1]["edits"]} if ret else set()))
+        rtxt = ", ".join(f"{k}: {ret[k]['Reliability (gen)']:.0f}" for k in keep) or "-"
         done = r["retention"][-1]["edits"] if r["retention"] else 0
         if f is None:
             lines.append(f"| {kind} | {done} of {r['n']} (running) | | | | {rtxt} | | | |")
