@@ -29,7 +29,7 @@ import data  # noqa: E402
 import eval as evaluation  # noqa: E402
 import llama  # noqa: E402
 import nse  # noqa: E402
-from bench_long import RESULTS, SHARED  # noqa: E402
+from bench_long import RESULTS  # noqa: E402
 
 
 def per_record_efficacy(em, tok, records) -> list[bool]:

@@ -19,8 +19,7 @@ checks that each one equals what `tables()` makes of the JSONs beside it.
 """
 import argparse
 import json
-import os
-import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -33,12 +32,6 @@ RESULTS = ROOT / "bench" / "results"
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT / "bench"))
 PY = sys.executable
-
-
-def machine(threads: int) -> dict:
-    import torch
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": threads,
-            "torch": torch.__version__, "python": platform.python_version()}
 
 
 def load(path: Path):
@@ -130,7 +123,7 @@ def cross_commands(sft: str, smol: str, u900: str, runs: Path) -> list[tuple[Pat
             f = flags if task == "zsre" or script == "nse.py" else flags.replace("--unrelated {u900}", "")
             cmd = f"{script} {base} {f}".format(sft=sft, smol=smol, shared=SHARED, u900=u900)
             run_dir = runs / "cross" / Path(js).stem
-            out.append((RESULTS / js, cmd.split(), run_dir))
+            out.append((RESULTS / js, shlex.split(cmd), run_dir))   # --system '' stays an empty argument
     return out
 
 
@@ -209,14 +202,12 @@ def smollm2(path: Path) -> Path:
     return path
 
 
-def run_cli(argv: list[str], run_dir: Path, log: Path) -> float:
-    """One CLI run into run_dir (resumed if it holds an unfinished run); its wall seconds."""
-    t = time.perf_counter()
+def run_cli(argv: list[str], run_dir: Path, log: Path) -> None:
+    """One CLI run into run_dir (resumed if it holds an unfinished run)."""
     resume = ["--resume"] if (run_dir / "run.json").exists() else []
     with open(log, "a") as f:
         subprocess.run([PY, *argv, "--out", str(run_dir), *resume], cwd=ROOT, check=True, stdout=f,
                        stderr=subprocess.STDOUT)
-    return time.perf_counter() - t
 
 
 def quick(args):
@@ -251,7 +242,8 @@ def quick(args):
                 f.result()
             except subprocess.CalledProcessError as e:
                 raise SystemExit(f"a quick run failed ({e.cmd[1]}): see the logs in {runs}")
-    res = {"machine": machine(1), "wall_seconds": time.perf_counter() - t0, "runs": {}}
+    import bench_long
+    res = {"machine": bench_long.machine(1), "wall_seconds": time.perf_counter() - t0, "runs": {}}
     for lane in lanes:
         for name, argv in lane:
             u, e = harness_figures(load(runs / name / "results.json"))
@@ -272,10 +264,8 @@ def quick_table(res: dict) -> str:
             cells = ["ZsRE, 8 edits (gen / tf)", _pair(e, "Reliability"), _pair(e, "Generality"),
                      _pair(e, "Locality") if "Locality (gen)" in e else "-", "-"]
         else:
-            rel = (f"{e['Relation specificity (unchanged, tf)']:.1f} / {e['Relation specificity (own > new)']:.1f}"
-                   if "Relation specificity (own > new)" in e else "-")
             cells = ["CounterFact, 10 edits", *(fmt(e.get(k)) for k in ("Efficacy", "Generalization", "Specificity")),
-                     rel]
+                     _relation(e)]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt(e.get('s/edit (mean)'))} |")
     return "\n".join(lines)
 
@@ -287,17 +277,17 @@ def full(args):
     (runs / "cross").mkdir(parents=True, exist_ok=True)
     (RESULTS / "cross").mkdir(parents=True, exist_ok=True)
     if not (sft / "sft" / "config.json").exists():
-        subprocess.run([PY, "bench/bench_sft_zsre.py", "--ckpt", str(smol), "--out", str(sft)], cwd=ROOT, check=True)
+        subprocess.run([PY, "bench/bench_sft_zsre.py", "--ckpt", str(smol), "--work", str(sft)], cwd=ROOT, check=True)
     for js, argv, run_dir in cross_commands(str(sft), str(smol), args.unrelated, runs):
         if js.exists() and not args.force:
             continue
         print(f"{js.relative_to(ROOT)}: python {' '.join(argv)}", flush=True)
         run_cli(argv, run_dir, runs / "cross" / f"{run_dir.name}.log")
         shutil.copyfile(run_dir / "results.json", js)
-    for js, argv in [(RESULTS / f"long_{m}_n1000.json", ["bench/bench_long.py", "--method", m, "--ckpt", str(smol)])
-                     for m in ("nse", "memit", "alphaedit")]:
-        if not (js.exists() and "final" in (load(js) or {})) or args.force:
-            subprocess.run([PY, *argv], cwd=ROOT, check=True)
+    for m in ("nse", "memit", "alphaedit"):                  # bench_long resumes; a finished run has a row at n
+        rows = (load(RESULTS / f"long_{m}_n1000.json") or {}).get("rows") or [{"n_done": 0}]
+        if rows[-1]["n_done"] < 1000:
+            subprocess.run([PY, "bench/bench_long.py", "--method", m, "--ckpt", str(smol)], cwd=ROOT, check=True)
     write_tables()
 
 
