@@ -38,6 +38,7 @@ import data  # noqa: E402
 import eval as evaluation  # noqa: E402
 import llama  # noqa: E402
 import nse  # noqa: E402
+import stats  # noqa: E402
 
 REF = ROOT.parent / "shared" / "peers" / "nse_reference.py"
 
@@ -87,7 +88,7 @@ def scale(args, records, log):
               else nse.default_layers(model.config.num_hidden_layers))
     templates = nse.context_templates(model, tok, args.seed, n=args.scale_contexts) if args.scale_contexts else ["{}"]
     t = time.perf_counter()
-    C0 = nse.load_or_compute_c0(model, tok, args.stats_text, layers, args.stats_tokens, args.cache_dir, log=log)
+    C0 = stats.load_or_compute_c0(model, tok, args.stats_text, layers, args.stats_tokens, args.cache_dir, log=log)
     n_tok = args.stats_tokens                     # C0 is read from the cache per layer when used
     t_c0 = time.perf_counter() - t
     mark("c0")
@@ -241,7 +242,7 @@ def main():
     if args.method == "unedited":
         templates = nse.context_templates(model, tok, args.seed)
         t = time.perf_counter()
-        C0 = nse.load_or_compute_c0(model, tok, args.stats_text, layers, args.stats_tokens, args.cache_dir, log=log)
+        C0 = stats.load_or_compute_c0(model, tok, args.stats_text, layers, args.stats_tokens, args.cache_dir, log=log)
         res = {"args": vars(args), "templates": templates, "c0_seconds": time.perf_counter() - t, "rows": {}}
         res["derived_defaults"] = nse.derive_scale_defaults(model, tok, records[:args.batch_size], templates, layers, C0)
         log(f"derived defaults: {res['derived_defaults']}")

@@ -13,6 +13,7 @@ from conftest import ROOT, edit_files, tiny_model
 import data
 import llama
 import nse
+import stats
 
 
 class CharTok:
@@ -144,7 +145,7 @@ def _edit_and_measure(method, identity_prior=False):
     words = "the a cat dog sat ran on in park mat home of boss why not now hello there friend".split()
     lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(320)]
     model = sharp_model(num_hidden_layers=3, intermediate_size=512)
-    C0, n = nse.key_second_moment(model, TOK, "\n".join(lines[:300]), [0, 1], 3000, chunk=50)
+    C0, n = stats.key_second_moment(model, TOK, "\n".join(lines[:300]), [0, 1], 3000, chunk=50)
     if identity_prior:                        # the same update with C0 replaced by a scaled identity
         C0 = {l: torch.eye(512) * c.trace() / 512 for l, c in C0.items()}
     recs = []
@@ -215,7 +216,7 @@ def test_alphaedit_update_keeps_preserved_outputs_and_moves_the_edited_keys():
 def test_requests_above_upper_bound_are_reported_not_dropped_silently():
     torch.manual_seed(0)
     model = tiny_model(num_hidden_layers=2)
-    C0, _ = nse.key_second_moment(model, TOK, "abc def ghi " * 100, [0], 500, chunk=40)
+    C0, _ = stats.key_second_moment(model, TOK, "abc def ghi " * 100, [0], 500, chunk=40)
     recs = [rec("Kim Lo works at", "Kim Lo", "Zeta", "Beta")]
     state = nse.EditState.fresh(model, [0])
     w = model.layers[0].mlp.down_proj.weight.detach().clone()
@@ -232,20 +233,20 @@ def test_c0_cache_reuses_and_invalidates(tmp_path):
     text.write_text("the cat sat on the mat\n" * 40)
     cache = tmp_path / "cache"
     logs = []
-    a = nse.load_or_compute_c0(model, TOK, text, [0, 1], 300, cache, chunk=64, log=logs.append)
+    a = stats.load_or_compute_c0(model, TOK, text, [0, 1], 300, cache, chunk=64, log=logs.append)
     assert len(logs) == 1 and len(list(cache.glob("*.safetensors"))) == 2
-    b = nse.load_or_compute_c0(model, TOK, text, [0, 1], 300, cache, chunk=64, log=logs.append)
+    b = stats.load_or_compute_c0(model, TOK, text, [0, 1], 300, cache, chunk=64, log=logs.append)
     assert len(logs) == 1 and torch.equal(a[1], b[1])              # cached, identical
-    nse.load_or_compute_c0(model, TOK, text, [0, 1], 200, cache, chunk=64, log=logs.append)
+    stats.load_or_compute_c0(model, TOK, text, [0, 1], 200, cache, chunk=64, log=logs.append)
     assert len(logs) == 2                                          # another token count: recomputed
     text.write_text("a dog ran in the park\n" * 40)
-    nse.load_or_compute_c0(model, TOK, text, [0], 300, cache, chunk=64, log=logs.append)
+    stats.load_or_compute_c0(model, TOK, text, [0], 300, cache, chunk=64, log=logs.append)
     assert len(logs) == 3                                          # another corpus
     with torch.no_grad():
         model.layers[0].mlp.up_proj.weight.mul_(1.5)               # other weights below layer 1
-    c = nse.load_or_compute_c0(model, TOK, text, [1], 300, cache, chunk=64, log=logs.append)
+    c = stats.load_or_compute_c0(model, TOK, text, [1], 300, cache, chunk=64, log=logs.append)
     assert len(logs) == 4 and not torch.allclose(c[1], b[1])
-    d = nse.load_or_compute_c0(model, TOK, text, [1], 300, cache, chunk=64, log=logs.append, keep_bytes=0)
+    d = stats.load_or_compute_c0(model, TOK, text, [1], 300, cache, chunk=64, log=logs.append, keep_bytes=0)
     assert len(logs) == 4 and dict.__len__(d) == 0 and 1 in d       # above keep_bytes: read per use
     assert torch.equal(d[1], c[1]) and d[1] is not d[1]
 
@@ -374,17 +375,17 @@ def test_z_with_bf16_weights_keeps_no_widened_weight_and_matches_fp32(monkeypatc
 
 def test_without_a_corpus_c0_comes_from_text_the_model_generates(tiny_ckpt, tmp_path):
     model, tok = llama.load(tiny_ckpt / "ckpt")
-    a = nse.generated_corpus(model, tok, 300, length=40, batch=4)
-    b = nse.generated_corpus(model, tok, 300, length=40, batch=4)
+    a = stats.generated_corpus(model, tok, 300, length=40, batch=4)
+    b = stats.generated_corpus(model, tok, 300, length=40, batch=4)
     assert a == b and sum(map(len, a)) == 300 and all(s[0] == tok.eos_id for s in a)   # seeded; from EOS
     assert len({tuple(s) for s in a}) == len(a)                                            # sampled, not greedy
     logs = []
-    C0 = nse.load_or_compute_c0(model, tok, None, [0, 1], 300, tmp_path, log=logs.append)
+    C0 = stats.load_or_compute_c0(model, tok, None, [0, 1], 300, tmp_path, log=logs.append)
     assert "the model writes 300 tokens" in logs[0] and "300 tokens of generated text" in logs[1]
     assert torch.allclose(C0[0], C0[0].T)
-    again = nse.load_or_compute_c0(model, tok, None, [0, 1], 300, tmp_path, log=logs.append)
+    again = stats.load_or_compute_c0(model, tok, None, [0, 1], 300, tmp_path, log=logs.append)
     assert len(logs) == 2 and torch.equal(again[1], C0[1])                                  # cached
-    other = nse.load_or_compute_c0(model, tok, tiny_ckpt / "corpus.txt", [0], 300, tmp_path, log=logs.append)
+    other = stats.load_or_compute_c0(model, tok, tiny_ckpt / "corpus.txt", [0], 300, tmp_path, log=logs.append)
     assert len(logs) == 3 and not torch.equal(other[0], C0[0])                              # a different key
     # the command line, with no corpus at all (a fresh clone has no ../shared)
     p = subprocess.run([sys.executable, str(ROOT / "nse.py"), "--ckpt", str(tiny_ckpt / "ckpt"), "--edits",
