@@ -65,6 +65,9 @@ class Settings:
     clamp: float = setting(0.75, "||z - h|| <= clamp * ||h|| in the z optimisation", gt=0)
     v_weight_decay: float = setting(0.5, "weight of ||delta|| / ||h||^2 in the z objective", min=0)
     kl_factor: float = setting(0.0625, "weight of the KL term in the z objective", min=0)
+    kl_relations: int = setting(0, "KL rows asking other relations of the subject (the first N of KL_RELATIONS, "
+                                   "next-token distribution kept as the unedited model's); 0: only the "
+                                   "paper's '{subject} is a'", min=0, max=8)
     loss_stop: float = setting(5e-2, "a request's z optimisation stops below this loss")
     max_iterations: int = setting(3, "NSE passes per batch", min=1)
     neuron_threshold: float = setting(1.0, "share of the |K| mass the selected neurons hold", gt=0, max=1)
@@ -127,11 +130,22 @@ class rewound:
             self.model.layers[l].mlp.down_proj.weight.data = w
 
 
-def z_rows(tok, records, templates):
-    """Per request: every context template with the target appended (NLL rows), then the subject
-    alone (KL row: the official code reads the KL distribution at the subject's last token)."""
+# Prompts about the subject that ask OTHER relations, for the KL term (kl_relations > 0): the
+# subject's other facts are read from the same hidden state z replaces, so a z that keeps their
+# next-token distributions keeps those facts. Phrasings of our own: none is a prompt or rephrase of
+# counterfact-edit.json or counterfact-train.json (tests/test_nse.py checks when ../shared is there).
+KL_RELATIONS = ["{} was born in the city of", "{} holds the citizenship of", "{} has worked for",
+                "{} is mainly known as a", "The first language of {} is", "{} can be found in the country of",
+                "{} was established by", "{} comes from the company"]
+
+
+def z_rows(tok, records, templates, kl_relations: int = 0):
+    """Per request: every context template with the target appended (NLL rows), then the KL rows:
+    the subject alone (the official code reads the KL distribution at the subject's last token), and
+    kl_relations prompts asking other relations (read at their last token, where the answer comes).
+    A row: (ids, subject index, target start, target end, request, KL read index or None)."""
     tmpl = data.Template("raw")
-    rows = []   # (ids, subject index, target start, target end, request, is_kl)
+    rows = []
     for i, r in enumerate(records):
         for c in templates:
             text = c.format(r.prompt)
@@ -139,9 +153,14 @@ def z_rows(tok, records, templates):
             _, s = subject_row(tok, text, r.subject, c.index("{}"))
             if enc.target_start <= s:
                 raise EditError(f"request {i}: the target must come after the subject in {r.prompt!r}")
-            rows.append((enc.ids[:enc.target_end], s, enc.target_start, enc.target_end, i, False))
+            rows.append((enc.ids[:enc.target_end], s, enc.target_start, enc.target_end, i, None))
         ids, s = subject_row(tok, f"{r.subject} is a", r.subject)
-        rows.append((ids, s, None, None, i, True))
+        rows.append((ids, s, None, None, i, s))
+        for q in KL_RELATIONS[:kl_relations]:
+            text = q.format(r.subject)
+            _, s = subject_row(tok, text, r.subject)
+            ids = tok.encode(text)
+            rows.append((ids, s, None, None, i, len(ids) - 1))
     return rows
 
 
@@ -161,6 +180,7 @@ def compute_z(model, tok, records, templates, hp: Settings, log=None):
 def compute_z_together(model, tok, records, templates, hp: Settings):
     """z_i = h_i + delta_i, delta_i = argmin  mean_c NLL(target | c + prompt; h_l0[s] += delta)
                                              + kl_factor KL(p_0 || p_delta)("{subject}" next token)
+                                             + kl_factor mean_k KL(p_0 || p_delta)(relation prompt k)
                                              + v_weight_decay ||delta|| / ||h||^2,
     s.t. ||delta|| <= clamp ||h||  (step 1; ROME/MEMIT's z objective). Adam, early stop per request.
 
@@ -169,7 +189,7 @@ def compute_z_together(model, tok, records, templates, hp: Settings):
     runs blocks 0..l0 once without grad, and each step runs only the suffix through blocks l0+1..L-1
     with the LM head only at the loss positions. The whole batch shares one forward/backward."""
     cfg, dev, l0, L = model.config, model.device, hp.layers[-1], model.config.num_hidden_layers
-    rows = z_rows(tok, records, templates)
+    rows = z_rows(tok, records, templates, hp.kl_relations)
     n, R = len(records), len(rows)
     P = max(r[1] for r in rows)                                  # prefix length (aligned subject)
     suffix = [r[0][r[1]:] for r in rows]
@@ -181,12 +201,15 @@ def compute_z_together(model, tok, records, templates, hp: Settings):
     suf, suf_mask = llama.pad_batch(suffix, side="right")
     suf_pos = pre_mask.sum(1, keepdim=True) + torch.arange(Ts)[None]          # (R, Ts) rope positions
     req = torch.tensor([r[4] for r in rows])
-    kl_rows = torch.tensor([j for j, r in enumerate(rows) if r[5]])           # one per request, in order
+    kl_rows = torch.tensor([j for j, r in enumerate(rows) if r[5] is not None])
+    kl_col = torch.tensor([rows[j][5] - rows[j][1] for j in kl_rows.tolist()])   # suffix coordinates
+    # the subject row weighs 1 (the paper's term), the relation rows 1 / kl_relations together
+    kl_w = torch.tensor([1.0 if rows[j][5] == rows[j][1] else 1.0 / hp.kl_relations for j in kl_rows.tolist()])
     # loss positions (suffix coordinates): logits at t-1 predict target token t
     lrow, lcol, ltok, lw = [], [], [], []
     n_ctx = len(templates)
     for j, r in enumerate(rows):
-        if not r[5]:
+        if r[5] is None:
             for t in range(r[2], r[3]):
                 lrow.append(j); lcol.append(t - 1 - r[1]); ltok.append(r[0][t])
                 lw.append(1.0 / ((r[3] - r[2]) * n_ctx))     # mean over tokens, then over contexts
@@ -197,7 +220,7 @@ def compute_z_together(model, tok, records, templates, hp: Settings):
         if P:
             model.run_layers(model.embed(pre), 0, L, pre_mask, cache=cache)
         h0 = model.run_layers(model.embed(suf), 0, l0 + 1, suf_mask, suf_pos, cache=cache)  # (R, Ts, D)
-    bare = torch.tensor([j for j, r in enumerate(rows) if not r[5] and j % (n_ctx + 1) == 0])
+    bare = torch.tensor([next(j for j, r in enumerate(rows) if r[4] == i) for i in range(n)])  # each request's first row
     h_init = h0[bare, 0].detach().float()                        # (n, D): h at the subject, bare prompt
     max_norm = hp.clamp * h_init.norm(dim=1)
     delta = torch.zeros(n, cfg.hidden_size, device=dev, requires_grad=True)
@@ -219,11 +242,12 @@ def compute_z_together(model, tok, records, templates, hp: Settings):
         logp = model.head(out[new_id[lrow[keep]], lcol[keep]]).float().log_softmax(-1)   # (N, V)
         tok_nll = -logp.gather(1, ltok[keep].to(dev)[:, None])[:, 0] * lw[keep].to(dev)
         nll = torch.zeros(n, device=dev).index_add(0, req[lrow[keep]].to(dev), tok_nll)
-        kl_logp = model.head(out[new_id[kl_rows[active]], 0]).float().log_softmax(-1)
-        if kl_init is None:
+        kk = active[req[kl_rows]]                                # KL rows of active requests
+        kl_logp = model.head(out[new_id[kl_rows[kk]], kl_col[kk]]).float().log_softmax(-1)
+        if kl_init is None:                                      # step 0: delta = 0, every row active
             kl_init = kl_logp.detach()
-        kl = torch.zeros(n, device=dev)
-        kl[active] = F.kl_div(kl_logp, kl_init[active], log_target=True, reduction="none").sum(1)
+        kl_row = F.kl_div(kl_logp, kl_init[kk], log_target=True, reduction="none").sum(1) * kl_w[kk].to(dev)
+        kl = torch.zeros(n, device=dev).index_add(0, req[kl_rows[kk]].to(dev), kl_row)
         wd = hp.v_weight_decay * delta.norm(dim=1) / h_init.norm(dim=1) ** 2
         loss = nll + hp.kl_factor * kl + wd                      # (n,), meaningful where active
         steps[active] += 1
@@ -259,6 +283,8 @@ class ZCache:
         k = {"weights": self.model, "prompt": r.prompt, "subject": r.subject, "target_new": r.target_new,
              "templates": templates, "layer": hp.layers[-1], "dtype": str(model.dtype), "device": model.device.type,
              **{f: getattr(hp, f) for f in ("v_lr", "v_steps", "clamp", "v_weight_decay", "kl_factor", "loss_stop")}}
+        if hp.kl_relations:                                      # (absent at 0: earlier caches stay valid)
+            k["kl_relations"] = KL_RELATIONS[:hp.kl_relations]
         return hashlib.blake2b(json.dumps(k, sort_keys=True).encode(), digest_size=16).hexdigest()
 
     def compute(self, model, tok, records, templates, hp: Settings):

@@ -417,3 +417,64 @@ def test_z_cache_returns_the_computed_z_and_recomputes_when_a_key_part_changes(t
         model.layers[1].mlp.up_proj.weight[0, 0] += 1e-3                    # another checkpoint
     nse.ZCache(tmp_path, model).compute(model, TOK, recs, TEMPLATES, hp)
     assert calls == [2, 2, 1, 2]
+
+
+def _kl_after(model, delta, r, prompt):
+    """KL(unedited || with delta = z - h added at the subject) of the next token after `prompt`."""
+    ids, s = nse.subject_row(TOK, prompt, r.subject)
+    ids = TOK.encode(prompt)
+    base = model(torch.tensor([ids])).log_softmax(-1)[0, -1]
+    hook = model.layers[1].register_forward_hook(
+        lambda m, a, o: torch.cat([o[:, :s], o[:, s:s + 1] + delta.view(1, 1, -1), o[:, s + 1:]], 1))
+    new = model(torch.tensor([ids])).log_softmax(-1)[0, -1]
+    hook.remove()
+    return torch.nn.functional.kl_div(new, base, log_target=True, reduction="sum").item()
+
+
+def test_relation_kl_rows_keep_the_subjects_other_next_tokens(monkeypatch):
+    """kl_relations > 0: z also keeps the next-token distribution of a prompt asking another
+    relation of the subject, and still reaches the target."""
+    model = sharp_model(num_hidden_layers=3).requires_grad_(False)
+    monkeypatch.setattr(nse, "KL_RELATIONS", ["Ab Bobc", "Of Bobx"])
+    r = rec("Home of Bob", "Bob", "Q")
+    rows = nse.z_rows(TOK, [r], TEMPLATES, 2)
+    assert [x[5] for x in rows] == [None, None, rows[2][1], len(TOK.encode("Ab Bobc")) - 1,
+                                    len(TOK.encode("Of Bobx")) - 1]
+    paper = hp_for(model, layers=[0, 1], kl_factor=5.0, v_steps=60, loss_stop=0.0)
+    z0, h, _ = nse.compute_z(model, TOK, [r], TEMPLATES, paper)
+    z1, _, _ = nse.compute_z(model, TOK, [r], TEMPLATES, replace_hp(paper, kl_relations=1))
+    kl0, kl1 = (_kl_after(model, z - h[0], r, "Ab Bobc") for z in (z0[0], z1[0]))
+    assert kl1 < 0.6 * kl0 and kl0 > 0.05                   # measured: 0.037 vs 0.071
+    enc = data.encode_prompt_target(TOK, data.Template("raw"), r.prompt, r.target_new)
+    for z in (z0, z1):                                      # the target is reached either way
+        assert _target_nll(model, r, enc, z[0]) < 0.5       # measured: 0.38, 0.39 (unedited > 1)
+    assert _target_nll(model, r, enc, h[0]) > 1.0
+
+
+def _target_nll(model, r, enc, z):
+    s = nse.subject_row(TOK, r.prompt, r.subject)[1]
+    hook = model.layers[1].register_forward_hook(lambda m, a, o: torch.cat([o[:, :s], z.view(1, 1, -1), o[:, s + 1:]], 1))
+    logp = model(torch.tensor([enc.ids])).log_softmax(-1)[0]
+    hook.remove()
+    return -logp[enc.target_start - 1, enc.ids[enc.target_start]].item()
+
+
+def replace_hp(hp, **kw):
+    import dataclasses
+    return dataclasses.replace(hp, **kw)
+
+
+def test_relation_kl_prompts_are_not_counterfact_prompts():
+    """KL_RELATIONS are our own phrasings: no prompt or rephrase of the CounterFact files (the
+    relation-specificity probes come from those) is among them."""
+    root = ROOT.parent / "shared" / "data" / "counterfact"
+    if not root.exists():
+        pytest.skip("../shared is absent")
+    seen = set()
+    for name in ("counterfact-edit.json", "counterfact-train.json"):
+        for r in json.loads((root / name).read_text()):
+            for p in [r["prompt"], r.get("rephrase_prompt") or ""]:
+                if r["subject"] in p:
+                    seen.add(p[p.index(r["subject"]):].replace(r["subject"], "{}", 1))
+                    seen.add(p.replace(r["subject"], "{}", 1))
+    assert not seen & set(nse.KL_RELATIONS)
