@@ -47,7 +47,8 @@ def fmt(x, digits: int = 1) -> str:
 
 ZSRE_CMD = ("--ckpt {sft}/sft --edits {sft}/d_edit.jsonl --loc {sft}/d_loc.jsonl --n 200 --template chatml "
             "--system '' --threads 1")
-CF_CMD = "--ckpt {smol} --edits {shared}/data/counterfact/counterfact-edit.json --n 200 --threads 1"
+CF_CMD = ("--ckpt {smol} --edits {shared}/data/counterfact/counterfact-edit.json --n 200 --threads 1 "
+          "--stats-text {shared}/data/wikitext/wikitext-2-raw-test.txt")   # C0 as in NSE's 200-edit run
 # (row label, script, method flags, protocol note, ZsRE JSON, CounterFact JSON); a JSON absent = not run
 CROSS = [
     ("SCEN (rank-4 experts)", "scen.py", "--unrelated {u900}", "batch 1; routed (experts + neurons)",
@@ -278,13 +279,14 @@ def full(args):
     (RESULTS / "cross").mkdir(parents=True, exist_ok=True)
     if not (sft / "sft" / "config.json").exists():
         subprocess.run([PY, "bench/bench_sft_zsre.py", "--ckpt", str(smol), "--work", str(sft)], cwd=ROOT, check=True)
+    only = set(args.only.split(",")) if args.only else None
     for js, argv, run_dir in cross_commands(str(sft), str(smol), args.unrelated, runs):
-        if js.exists() and not args.force:
+        if (js.exists() and not args.force) or (only and js.stem not in only):
             continue
         print(f"{js.relative_to(ROOT)}: python {' '.join(argv)}", flush=True)
         run_cli(argv, run_dir, runs / "cross" / f"{run_dir.name}.log")
         shutil.copyfile(run_dir / "results.json", js)
-    for m in ("nse", "memit", "alphaedit"):                  # bench_long resumes; a finished run has a row at n
+    for m in ("nse", "memit", "alphaedit") if only is None else ():   # bench_long resumes; a finished run has a row at n
         rows = (load(RESULTS / f"long_{m}_n1000.json") or {}).get("rows") or [{"n_done": 0}]
         if rows[-1]["n_done"] < 1000:
             subprocess.run([PY, "bench/bench_long.py", "--method", m, "--ckpt", str(smol)], cwd=ROOT, check=True)
@@ -303,6 +305,8 @@ def main():
                    help="SCEN's unrelated prompts on ZsRE")
     p.add_argument("--runs", default=str(Path.home() / ".cache/llama-edit-bench/runs"), help="run folders")
     p.add_argument("--force", action="store_true", help="full: rerun cells whose JSON exists")
+    p.add_argument("--only", help="full: only these cells (JSON names without .json, comma-separated, e.g. "
+                   "alphaedit_counterfact), and no long runs")
     p.add_argument("--no-parallel", action="store_true", help="quick: one lane instead of two")
     args = p.parse_args()
     if args.tables:
