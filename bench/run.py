@@ -153,13 +153,23 @@ def scen_long_table(results: Path = RESULTS) -> str:
                      f"{_pair(f, 'Locality')} | {rtxt} | {c['first_100']:.2f} -> {c['last_100']:.2f} "
                      f"({c['ratio']:.2f}x) | {r['storage_bytes_per_edit'] / 1024:.0f} KB | "
                      f"{r['latency']['ratio']:.3f}x |")
+    return "\n".join(lines)
+
+
+def scen_scale_table(results: Path = RESULTS) -> str:
+    """Compact experts on the random-weight Llama-2-7B-shaped checkpoint: memory and disk per edit."""
+    lines = ["| checkpoint | edits | RSS after load | RSS after edit 1 -> last | RSS / edit | disk / edit "
+             "| projected at 1,037 edits | CPU s/edit |", "|" + "---|" * 8]
     s = next((load(p) for p in sorted(results.glob("scen_long_scale7b_n*.json"))), None)
-    if s is not None and "projection_1037" in s:
-        m, p = s["memory"], s["projection_1037"]
-        lines.append(f"| lowrank, Llama-2-7B shapes (bf16, random) | {len(m)} | RSS {m[0]['rss_mb'] / 1024:.2f} -> "
-                     f"{m[-1]['rss_mb'] / 1024:.2f} GiB | {p['rss_mb_per_edit']:.2f} MB RSS / edit | at 1,037 edits: "
-                     f"{p['rss_mb_at_1037'] / 1024:.2f} GiB RSS, {p['disk_mb_at_1037']:.0f} MB on disk | | "
-                     f"{s['cpu_s_per_edit']['first_100']:.1f} s | {s['storage_bytes_per_edit'] / 1024:.0f} KB | |")
+    if s is None or "projection_1037" not in s:
+        return "\n".join(lines + ["| Llama-2-7B shapes | not run | | | | | | |"])
+    m, p = s["memory"], s["projection_1037"]
+    lines.append(f"| Llama-2-7B shapes (bf16 weights, random), {s['expert']} experts | {len(m)} | "
+                 f"{s['rss_after_load_mb'] / 1024:.2f} GiB | {m[0]['rss_mb'] / 1024:.2f} -> {m[-1]['rss_mb'] / 1024:.2f} GiB | "
+                 f"{p['rss_mb_per_edit']:.2f} MB | {s['storage_bytes_per_edit'] / 1024:.0f} KB experts, "
+                 f"{(m[-1]['run_dir_bytes'] - m[0]['run_dir_bytes']) / (len(m) - 1) / 1024:.0f} KB run folder | "
+                 f"{p['rss_mb_at_1037'] / 1024:.2f} GiB RSS, {p['disk_mb_at_1037']:.0f} MB of experts | "
+                 f"{s['cpu_s_per_edit']['first_100']:.1f} |")
     return "\n".join(lines)
 
 
@@ -168,7 +178,15 @@ def long_table(results: Path = RESULTS) -> str:
     return bench_long.long_table(results, 1000)
 
 
-TABLES = {"cross-table": cross_table, "scen-long-table": scen_long_table, "long-table": long_table}
+def relation_kl_table(results: Path = RESULTS) -> str:
+    import bench_relation_kl
+    r = load(results / "relation_kl_train40.json")
+    return bench_relation_kl.table(r) if r else "(not run: bench/bench_relation_kl.py)"
+
+
+TABLES = {"cross-table": cross_table, "scen-long-table": scen_long_table, "scen-scale-table": scen_scale_table,
+          "long-table": long_table,
+          "relation-kl-table": relation_kl_table}
 
 
 def tables(text: str, results: Path = RESULTS) -> str:
