@@ -33,12 +33,6 @@ COLS = ["Efficacy", "Generalization", "Specificity", "Relation specificity (unch
         "Relation specificity (own > new)", "s/edit (mean)"]
 
 
-def figures(results: dict) -> tuple[dict, dict]:
-    r = results["results"]
-    val = lambda d: {k: v["value"] for k, v in d.items()}
-    return val(r["unedited"]), val(next(v for k, v in r.items() if k != "unedited"))
-
-
 def table(res: dict) -> str:
     lines = ["| z objective (NSE) | " + " | ".join(c.replace("Relation specificity", "Rel. spec.") for c in COLS) + " |",
              "|" + "---|" * (len(COLS) + 1)]
@@ -68,6 +62,7 @@ def main():
                        "relation specificity: data.relation_probes (4 prompts per edit asking other relations)",
            "variants": {}, "commands": {}}
     import bench_long
+    import run                                           # the README tables' reader of results.json
     res["machine"] = bench_long.machine(a.threads)
     for name in a.variants.split(","):
         out = runs / name
@@ -76,7 +71,7 @@ def main():
             resume = ["--resume"] if (out / "run.json").exists() else []
             with open(runs / f"{name}.log", "a") as f:
                 subprocess.run(cmd + resume, cwd=ROOT, check=True, stdout=f, stderr=subprocess.STDOUT)
-        u, e = figures(json.loads((out / "results.json").read_text()))
+        u, e = run.harness_figures(json.loads((out / "results.json").read_text()))
         res["unedited"], res["variants"][name] = u, e
         res["commands"][name] = " ".join(["nse.py"] + cmd[2:])
     path = ROOT / "bench/results" / f"relation_kl_train{a.n}.json"

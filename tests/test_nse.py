@@ -421,7 +421,7 @@ def test_z_cache_returns_the_computed_z_and_recomputes_when_a_key_part_changes(t
 
 def _kl_after(model, delta, r, prompt):
     """KL(unedited || with delta = z - h added at the subject) of the next token after `prompt`."""
-    ids, s = nse.subject_row(TOK, prompt, r.subject)
+    s = nse.subject_row(TOK, prompt, r.subject)[1]
     ids = TOK.encode(prompt)
     base = model(torch.tensor([ids])).log_softmax(-1)[0, -1]
     hook = model.layers[1].register_forward_hook(
