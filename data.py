@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -510,6 +511,48 @@ def relation_probes(records, bank, k: int = 4, seed: int = 0, min_count: int = 2
                 used |= answers[t]
         out.append([t.replace(SUBJ, r.subject) for t in picked])
     return out
+
+
+# Other relations in our own phrasings (none is a CounterFact or ZsRE prompt): a completion, a
+# question, and the words that mark the relation in someone else's phrasing. These are the prompts an
+# edit method can make from an edit alone to ask about its subject's OTHER facts (NSE's
+# --kl-relations, SCEN's --own-neg relations).
+OTHER_RELATIONS = [
+    ("{} was born in the city of", "In which city was {} born?", "born birth birthplace city"),
+    ("{} holds the citizenship of", "Which country is {} a citizen of?", "citizen citizenship country nationality"),
+    ("{} has worked for", "Who has {} worked for?", "work works worked employer employed employs"),
+    ("{} is mainly known as a", "What is {} mainly known as?", "known profession occupation position plays"),
+    ("The first language of {} is", "What is the first language of {}?", "language tongue speak speaks native"),
+    ("{} can be found in the country of", "In which country can {} be found?", "country located location found"),
+    ("{} was established by", "Who established {}?", "established founded founder created developed owned"),
+    ("{} comes from the company", "Which company does {} come from?", "company developed produced product made"),
+]
+_FUNCTION_WORDS = {"which", "what", "where", "when", "whom", "whose", "does", "from", "that", "with", "have",
+                   "been", "this", "there", "their", "into", "about", "were", "will", "would", "then", "than"}
+
+
+def _content_words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z]+", text.lower()) if len(w) > 3} - _FUNCTION_WORDS
+
+
+def other_relation_prompts(subject: str, prompt: str, question: bool, n: int = 8) -> list[str]:
+    """Up to n prompts that ask other relations of `subject` (OTHER_RELATIONS, as questions or as
+    completions), leaving out every relation that shares a word with the edit's own prompt (its
+    phrasing's content words or its marker words: the edit may ask that relation, reworded)."""
+    own = _content_words(prompt.replace(subject, " "))
+    out = []
+    for comp, quest, marks in OTHER_RELATIONS:
+        p = quest if question else comp
+        if not (_content_words(comp + " " + quest) | set(marks.split())) & own:
+            out.append(p.format(subject))
+    return out[:n]
+
+
+def sentence_prefixes(prompt: str) -> list[str]:
+    """`prompt` cut after each of its sentences but the last (a passage's earlier contexts): "A. B. C"
+    -> ["A.", "A. B."]. A one-sentence prompt has none."""
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s)", prompt)]
+    return [prompt[:i] for i in ends if prompt[i:].strip()]
 
 
 def atomic_write_text(path, text: str) -> None:

@@ -132,11 +132,9 @@ class rewound:
 
 # Prompts about the subject that ask OTHER relations, for the KL term (kl_relations > 0): the
 # subject's other facts are read from the same hidden state z replaces, so a z that keeps their
-# next-token distributions keeps those facts. Phrasings of our own: none is a prompt or rephrase of
-# counterfact-edit.json or counterfact-train.json (tests/test_nse.py checks when ../shared is there).
-KL_RELATIONS = ["{} was born in the city of", "{} holds the citizenship of", "{} has worked for",
-                "{} is mainly known as a", "The first language of {} is", "{} can be found in the country of",
-                "{} was established by", "{} comes from the company"]
+# next-token distributions keeps those facts. data.OTHER_RELATIONS' completions, our own phrasings
+# (tests/test_nse.py checks that none is a CounterFact prompt when ../shared is there).
+KL_RELATIONS = [c for c, _, _ in data.OTHER_RELATIONS]
 
 
 def z_rows(tok, records, templates, kl_relations: int = 0):

@@ -80,6 +80,10 @@ class Settings:
     pool: str = setting("mean", "u at the last prompt token (paper) or mean over the prompt", choices=("last", "mean"))
     bias: bool = setting(True, "true/false: the neuron gets a bias (paper: none)")
     unrelated_neg: bool = setting(True, "true/false: unrelated prompts are negatives (paper: earlier edits only)")
+    own_neg: str = setting("none", "negatives made from each edit (kept for all later neurons): relations = its "
+                                   "subject asked other relations (data.other_relation_prompts), prefixes = its "
+                                   "prompt cut after earlier sentences (a passage); none: the paper",
+                           choices=("none", "relations", "prefixes"))
     retrain: bool = setting(True, "true/false: retrain an old neuron that fires on a new edit")
     seed: int = setting(0, "seed of the neurons' initialisation")
 
@@ -392,7 +396,7 @@ class Editor(ev.Editor):
         """The original down projection back in the model (its logits are the unedited model's, bit
         for bit) and no edits; the next edit starts again from edit 1."""
         self.model.layers[self.s.layer].mlp.down_proj = self.base
-        self.mu, self.U, self.log, self.saved_n = self.U_unrel.mean(0), [], [], {}
+        self.mu, self.U, self.U_own, self.log, self.saved_n = self.U_unrel.mean(0), [], [], [], {}
         self.router = RoutedDown(self.base, self.s, self.mu) if self.s.method == "scen" else None
         self.ft = Expert(self.base.weight.detach().float().clone()) if self.s.method == "ft" else None
 
@@ -407,18 +411,32 @@ class Editor(ev.Editor):
         super().check(records)
         if self.template.end_id(self.tokenizer) is None:
             raise ev.RunError("the tokenizer has no end token (EOS): the expert learns target + end token")
+        if self.s.own_neg == "relations":                  # the subject's other relations need the subject
+            for r in records:
+                data.check_record(r, require_subject=True)
 
     def apply(self, records) -> list[dict]:
         """One edit per record: prompt + target + end token, as generation would produce them."""
         rows = []
         for r in records:
             e = data.encode_prompt_target(self.tokenizer, self.template, r.prompt, r.target_new, add_eos=True)
-            rows.append(self.edit_ids(e.ids, e.target_start, {"prompt": r.prompt, "target": r.target_new}))
+            neg = [data.encode_prompt(self.tokenizer, self.template, p) for p in self.own_negatives(r)]
+            rows.append(self.edit_ids(e.ids, e.target_start, {"prompt": r.prompt, "target": r.target_new}, negatives=neg))
         return rows
 
-    def edit_ids(self, ids: list[int], target_start: int, info: dict | None = None, expert=None) -> dict:
+    def own_negatives(self, r) -> list[str]:
+        """Prompts made from edit r that its neuron must not fire on (Settings.own_neg): the same
+        subject asked other relations (questions under a chat template, completions raw), or the
+        passage cut after its earlier sentences."""
+        if self.s.own_neg == "relations":
+            return data.other_relation_prompts(r.subject, r.prompt, question=self.template.kind != "raw")
+        return data.sentence_prefixes(r.prompt) if self.s.own_neg == "prefixes" else []
+
+    def edit_ids(self, ids: list[int], target_start: int, info: dict | None = None, expert=None,
+                 negatives: list[list[int]] = ()) -> dict:
         """Edit t = len(log) + 1: ids = prompt + target (+ end token); target_start = #prompt ids.
-        expert: an already trained expert for this edit (benchmarks reuse stage 1 across variants)."""
+        expert: an already trained expert for this edit (benchmarks reuse stage 1 across variants);
+        negatives: prompts (ids) made from this edit that no neuron may fire on (own_negatives)."""
         self.install()
         s, t0, c0, t = self.s, time.perf_counter(), time.process_time(), len(self.log)
         h_l, u = layer_inputs(self.model, s.layer, ids, self.base, target_start - 1, s.pool)
@@ -433,6 +451,8 @@ class Editor(ev.Editor):
                 train_expert(self.model, s.layer, h_l, ids, target_start, self.base.weight, s,
                              lowrank=s.expert == "lowrank", generator=gen)
             self.router.experts.append(w)
+            self.U_own += [layer_inputs(self.model, s.layer, q, self.base, kind=s.pool)[1] for q in negatives]
+            rec["own_negatives"] = len(negatives)
             rec.update(self.add_neuron(u, t))
         self.U.append(u)
         rec["seconds"] = time.perf_counter() - t0
@@ -443,7 +463,7 @@ class Editor(ev.Editor):
         return rec
 
     def negatives(self, exclude: int):
-        neg = [self.U[i] for i in range(len(self.U)) if i != exclude]
+        neg = [self.U[i] for i in range(len(self.U)) if i != exclude] + self.U_own
         if self.s.unrelated_neg:
             neg += list(self.U_unrel)
         return self.feats(torch.stack(neg)) if neg else torch.zeros(0, self.mu.numel(), device=self.mu.device)
@@ -497,7 +517,8 @@ class Editor(ev.Editor):
         out, t = Path(out), len(self.log)
         if not (out / "unrelated.safetensors").exists():
             llama.write_safetensors(out / "unrelated.safetensors", {"U_unrel": self.U_unrel})
-        tensors = {"U": torch.stack(self.U) if self.U else self.U_unrel[:0]}
+        tensors = {"U": torch.stack(self.U) if self.U else self.U_unrel[:0],
+                   "U_own": torch.stack(self.U_own) if self.U_own else self.U_unrel[:0]}
         scen = self.router is not None
         tensors.update({"W": self.router.W, "b": self.router.b} if scen else {"weight": self.ft.weight})
         for k in range(self.saved_n.get(str(out), 0), t if scen else 0):
@@ -536,6 +557,7 @@ class Editor(ev.Editor):
         ed.U_unrel = load_file(str(out / "unrelated.safetensors"), device=dev)["U_unrel"]
         ed.restore()
         ed.log, ed.U, ed.saved_n = st["log"], list(x["U"]), {str(out): t}
+        ed.U_own = list(x["U_own"]) if "U_own" in x else []        # folders saved before own_neg existed
         if s.method == "scen":
             ed.router.W, ed.router.b = x["W"], x["b"]
             ed.router.experts = [load_expert(out / "experts" / f"expert_{k:05d}.safetensors", dev)
@@ -552,13 +574,17 @@ class Editor(ev.Editor):
                        "negatives: give ~1000 prompts of the kind the model will be asked (e.g. its SFT "
                        "set; Locality 75 with 64, 95 with 900 after 200 edits); default: 1000 questions the model "
                        "writes itself (data.model_questions)")
+        g.add_argument("--n-unrelated", type=int, help="use only the first N records of --unrelated")
 
     @classmethod
     def inputs_from(cls, args, records) -> dict:
+        if args.n_unrelated is not None and (args.n_unrelated < 1 or not args.unrelated):
+            raise ev.RunError(f"--n-unrelated {args.n_unrelated}: needs --unrelated and N >= 1")
         if not args.unrelated:
             return {"unrelated": None}                         # the model writes them (data.model_questions)
         edit_prompts = {r.prompt for r in records}
-        return {"unrelated": [r.prompt for r in data.load_edits(args.unrelated) if r.prompt not in edit_prompts]}
+        return {"unrelated": [r.prompt for r in data.load_edits(args.unrelated, n=args.n_unrelated)
+                              if r.prompt not in edit_prompts]}
 
 
 # ----------------------------------------------------------------------------------------------

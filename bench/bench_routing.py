@@ -60,26 +60,32 @@ def load_task(a, tok, model):
                 "WikiBio-A": [(r.prompt, -1) for r in acc],
                 "WikiBio-A, edited person": [(r.prompt, -1) for r, m in zip(acc, same) if m],
                 "WikiBio-A, other person": [(r.prompt, -1) for r, m in zip(acc, same) if not m],
+                # own_neg=prefixes makes negatives of the edit prompts' earlier sentences, and some
+                # WikiBio-A prompts are exactly such a prefix: this set leaves them out
+                "WikiBio-A, not an edit prompt's prefix": [(r.prompt, -1) for r in acc if not any(
+                    e.prompt.startswith(r.prompt) for e in recs)],
                 "OWT": [(p, -1) for p, _ in pairs["OWT"]]}
     edit_prompts = {r.prompt for r in recs}
     unrel = [p for p in unrel if p not in edit_prompts][:a.n_unrelated]
     # prompt + target + end token, as scen.Editor.edit encodes an edit (here given to edit_ids)
     enc = [data.encode_prompt_target(tok, tpl, r.prompt, r.target_new, add_eos=True) for r in recs]
-    return tpl, enc, [r.target_new.strip().lower() for r in recs], sets, unrel
+    return tpl, recs, enc, [r.target_new.strip().lower() for r in recs], sets, unrel
 
 
-def run_variant(model, tok, tpl, enc, targets, sets, unrel_ids, s: scen.Settings, feat_cache: dict):
+def run_variant(model, tok, tpl, recs, enc, targets, sets, unrel_ids, s: scen.Settings, feat_cache: dict):
     """Stage 2 over all edits (no experts), then the routing of every query set."""
     ed = scen.Editor(model, tok, s, template=tpl, unrelated=unrel_ids)
     key = (ed.s.layer, ed.s.pool)
     t0 = time.perf_counter()
-    for e in enc:                  # stage 2 alone: the base weight stands in for the expert (never run)
-        ed.edit_ids(e.ids, e.target_start, expert=ed.base.weight)
+    for r, e in zip(recs, enc):    # stage 2 alone: the base weight stands in for the expert (never run)
+        neg = [data.encode_prompt(tok, tpl, p) for p in ed.own_negatives(r)]
+        ed.edit_ids(e.ids, e.target_start, expert=ed.base.weight, negatives=neg)
     stage2_s = time.perf_counter() - t0
     row = {"own_at_edit_%": 100.0 * sum(r["routed_to"] == t for t, r in enumerate(ed.log)) / len(enc),
            "neuron_steps_mean": sum(r["neuron_steps"] for r in ed.log) / len(enc),
            "neuron_capped": sum(r["neuron_steps"] >= ed.s.neuron_steps for r in ed.log),
            "retrained": sum(len(r["retrained"]) for r in ed.log), "stage2_s": round(stage2_s, 1),
+           "own_negatives": sum(r["own_negatives"] for r in ed.log),
            "not_own_at_edit": [(t, r["routed_to"], round(r["a_own"], 3), r["neuron_steps"])
                                for t, r in enumerate(ed.log) if r["routed_to"] != t]}
     for name, qs in sets.items():
@@ -122,14 +128,14 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     variants = json.loads(a.variants)
     model, tok = llama.load(a.ckpt)
-    tpl, enc, targets, sets, unrel = load_task(a, tok, model)
+    tpl, recs, enc, targets, sets, unrel = load_task(a, tok, model)
     unrel_ids = [data.encode_prompt(tok, tpl, p) for p in unrel]
     out = Path(a.out) if a.out else None
     res = json.loads(out.read_text()) if out and out.exists() else {}
     res.setdefault("sizes", {k: len(v) for k, v in sets.items()} | {"unrelated": len(unrel_ids)})
     cache: dict = {}
     for name, over in variants.items():
-        row = run_variant(model, tok, tpl, enc, targets, sets, unrel_ids, replace(scen.Settings(), **over), cache)
+        row = run_variant(model, tok, tpl, recs, enc, targets, sets, unrel_ids, replace(scen.Settings(), **over), cache)
         res.setdefault("rows", {})[name] = dict(row, settings=over)
         print(name, json.dumps(row), flush=True)
         if out:

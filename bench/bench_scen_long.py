@@ -102,6 +102,21 @@ def run(a):
             res["before"] = dict(before)
         res["rss_after_load_mb"] = rss_mb()
     first = records[:100]
+
+    def retention_row(done: int):
+        """The first 100 edits' Reliability after `done` edits, once per multiple of 100 (and at the
+        end); also on a resume whose kill fell between the editor's save and this row."""
+        if a.scale or not (done % 100 == 0 or done == len(records)) or \
+                any(r["edits"] == done for r in res["retention"]):
+            return
+        figs = ev.evaluate_qa(ed.eval_model(), tok, tpl, first[:done], loc_pairs=[])
+        res["retention"].append({"edits": done, **{k: v["value"] for k, v in figs.items()
+                                                   if k.startswith("Reliability")}})
+        data.atomic_write_text(out, json.dumps(res, indent=1) + "\n")
+        print(f"{done} edits: first 100 {res['retention'][-1]}", flush=True)
+
+    if ed.log:
+        retention_row(len(ed.log))
     while len(ed.log) < len(records):
         t = len(ed.log)
         ed.edit([records[t]])
@@ -112,12 +127,8 @@ def run(a):
                                   "run_dir_bytes": folder_bytes(run_dir)})
             data.atomic_write_text(out, json.dumps(res, indent=1) + "\n")
             print(res["memory"][-1], flush=True)
-        elif done % 100 == 0 or done == len(records):
-            figs = ev.evaluate_qa(ed.eval_model(), tok, tpl, first[:done], loc_pairs=[])
-            res["retention"].append({"edits": done, **{k: v["value"] for k, v in figs.items()
-                                                       if k.startswith("Reliability")}})
-            data.atomic_write_text(out, json.dumps(res, indent=1) + "\n")
-            print(f"{done} edits: first 100 {res['retention'][-1]}", flush=True)
+        else:
+            retention_row(done)
     cpu = [r["cpu_seconds"] for r in ed.log]
     res["cpu_s_per_edit"] = {"first_100": statistics.mean(cpu[:100]), "last_100": statistics.mean(cpu[-100:])}
     res["cpu_s_per_edit"]["ratio"] = res["cpu_s_per_edit"]["last_100"] / res["cpu_s_per_edit"]["first_100"]

@@ -47,8 +47,9 @@ def fmt(x, digits: int = 1) -> str:
 
 ZSRE_CMD = ("--ckpt {sft}/sft --edits {sft}/d_edit.jsonl --loc {sft}/d_loc.jsonl --n 200 --template chatml "
             "--system '' --threads 1")
-CF_CMD = ("--ckpt {smol} --edits {shared}/data/counterfact/counterfact-edit.json --n 200 --threads 1 "
-          "--stats-text {shared}/data/wikitext/wikitext-2-raw-test.txt")   # C0 as in NSE's 200-edit run
+CF_CMD = "--ckpt {smol} --edits {shared}/data/counterfact/counterfact-edit.json --n 200 --threads 1"
+CF_UNREL = "--unrelated {shared}/data/counterfact/counterfact-train.json --n-unrelated 900"
+CF_C0 = "--stats-text {shared}/data/wikitext/wikitext-2-raw-test.txt"    # nse.py: C0 as in NSE's 200-edit run
 # (row label, script, method flags, protocol note, ZsRE JSON, CounterFact JSON); a JSON absent = not run
 CROSS = [
     ("SCEN (rank-4 experts)", "scen.py", "--unrelated {u900}", "batch 1; routed (experts + neurons)",
@@ -60,7 +61,7 @@ CROSS = [
     ("NSE", "nse.py", "--method nse --batch-size 20", "batches of 20; plain checkpoint",
      "cross/nse_zsre.json", "harness_nse_smollm2_n200.json"),
     ("MEMIT", "nse.py", "--method memit --batch-size 20", "batches of 20; plain checkpoint",
-     "cross/memit_zsre.json", "nse_smollm2_memit_n200.json"),
+     "cross/memit_zsre.json", "cross/memit_counterfact.json"),
     ("AlphaEdit", "nse.py", "--method alphaedit --batch-size 20", "batches of 20; plain checkpoint",
      "cross/alphaedit_zsre.json", "cross/alphaedit_counterfact.json"),
 ]
@@ -121,7 +122,9 @@ def cross_commands(sft: str, smol: str, u900: str, runs: Path) -> list[tuple[Pat
     out = []
     for label, script, flags, _, zj, cj in CROSS:
         for task, js, base in (("zsre", zj, ZSRE_CMD), ("counterfact", cj, CF_CMD)):
-            f = flags if task == "zsre" or script == "nse.py" else flags.replace("--unrelated {u900}", "")
+            # SCEN on completions: the unrelated prompts are completions too (counterfact-train, disjoint)
+            f = flags if task == "zsre" or script == "nse.py" else flags.replace("--unrelated {u900}", CF_UNREL)
+            f += f" {CF_C0}" if task == "counterfact" and script == "nse.py" else ""
             cmd = f"{script} {base} {f}".format(sft=sft, smol=smol, shared=SHARED, u900=u900)
             run_dir = runs / "cross" / Path(js).stem
             out.append((RESULTS / js, shlex.split(cmd), run_dir))   # --system '' stays an empty argument
@@ -278,10 +281,10 @@ def quick_table(res: dict) -> str:
     lines = ["| run | task | Reliability / Efficacy | Generality | Locality / Specificity | "
              "Relation specificity (unchanged / own > new) | s/edit |", "|" + "---|" * 7]
     for name, r in res["runs"].items():
-        e = r["edited"]
-        if "Reliability (gen)" in e:
+        e, u = r["edited"], r["unedited"]
+        if "Reliability (gen)" in e:       # Locality here: the NQ answers of the file (unedited beside it)
             cells = ["ZsRE, 8 edits (gen / tf)", _pair(e, "Reliability"), _pair(e, "Generality"),
-                     _pair(e, "Locality") if "Locality (gen)" in e else "-", "-"]
+                     f"{_pair(e, 'Locality')} (unedited {_pair(u, 'Locality')})" if "Locality (gen)" in e else "-", "-"]
         else:
             cells = ["CounterFact, 10 edits", *(fmt(e.get(k)) for k in ("Efficacy", "Generalization", "Specificity")),
                      _relation(e)]

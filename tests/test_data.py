@@ -343,3 +343,19 @@ def test_relation_probes_ask_the_same_subject_about_other_relations_only():
     assert data.relation_probes([edit], bank, k=2, min_count=20)[0][0] in probes   # fewer when asked, seeded
     assert data.relation_probes([edit], bank, k=4, min_count=20) == data.relation_probes([edit], bank, k=4, min_count=20)
     assert data.subject_template("Bla bla. Kim Lo speaks", "Kim Lo") == data.SUBJ + " speaks"
+
+
+def test_other_relation_prompts_leave_out_the_edits_own_relation_and_prefixes_cut_at_sentences():
+    rel = lambda prompt, question: data.other_relation_prompts("Ann Vole", prompt, question)
+    tongue = rel("The mother tongue of Ann Vole is", False)       # no shared word, but the same relation
+    assert "The first language of Ann Vole is" not in tongue and len(tongue) == 7
+    assert all("Ann Vole" in p for p in tongue)
+    born = rel("In which city was Ann Vole born?", True)
+    assert "In which city was Ann Vole born?" not in born and "Who has Ann Vole worked for?" in born
+    assert all(p.endswith("?") for p in born)
+    assert not any("company" in p or "worked" in p for p in rel("Which company does Ann Vole work for?", True))
+    assert data.other_relation_prompts("Ann Vole", "Ann Vole was born in", False, n=2) == [
+        "Ann Vole holds the citizenship of", "Ann Vole has worked for"]
+    assert data.sentence_prefixes("About ann. Ann (born 1960) won. She left in 1990.") == [
+        "About ann.", "About ann. Ann (born 1960) won."]
+    assert data.sentence_prefixes("Who wrote Dune?") == [] and data.sentence_prefixes("A. B. ") == ["A."]

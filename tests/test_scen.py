@@ -159,6 +159,28 @@ def test_save_load_and_resume_reproduce(tmp_path, expert):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_own_negatives_keep_every_neuron_off_them_and_survive_save_load(tmp_path):
+    """own_neg: prompts made from an edit (here its prompt cut short, as a passage's earlier
+    sentence) are negatives of its neuron and of every later one; without them the cut prompt
+    reaches the edit's expert."""
+    ids, ts = EDITS[0]
+    cut = ids[:3]
+    feats = lambda ed, qs: torch.stack([scen.layer_inputs(ed.model, 1, q, ed.base, kind=ed.s.pool)[1] for q in qs])
+    plain = make_editor()
+    plain.edit_ids(ids, ts)
+    assert plain.router.pick(feats(plain, [ids[:ts], cut])).tolist() == [0, 0]     # the cut prompt bleeds
+    ed = make_editor()
+    rec = ed.edit_ids(ids, ts, negatives=[cut])
+    assert rec["own_negatives"] == 1 and len(ed.U_own) == 1
+    assert ed.router.pick(feats(ed, [ids[:ts], cut])).tolist() == [0, -1]
+    ed.edit_ids(*EDITS[1])                                              # a later neuron keeps off it too
+    assert ed.router.pick(feats(ed, [ids[:ts], EDITS[1][0][:5], cut])).tolist() == [0, 1, -1]
+    ed.save(tmp_path)
+    again = scen.Editor.load(tmp_path, tiny_model(0))
+    assert torch.equal(torch.stack(again.U_own), torch.stack(ed.U_own))
+    assert torch.equal(again.negatives(exclude=0), ed.negatives(exclude=0))
+
+
 def test_compact_expert_is_small_and_routed_inference_equals_the_dense_expert():
     ed = make_editor(expert="lowrank", expert_rank=2)
     ids, ts = EDITS[0]
