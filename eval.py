@@ -680,9 +680,14 @@ class Editor:
     def n_edits(self) -> int:
         return sum(r.get("n", 1) for r in self.log)
 
+    @classmethod
+    def subject_needed(cls, settings) -> bool:
+        """Whether every record must name its subject (in its prompt) under these settings."""
+        return cls.needs_subject
+
     def check(self, records) -> None:
         for r in records:
-            data.check_record(r, self.needs_subject)
+            data.check_record(r, self.subject_needed(getattr(self, "s", None)))
 
     def edit(self, records=None, *, prompts=None, target_new=None, subject=None) -> list[dict]:
         records = as_records(records, prompts=prompts, target_new=target_new, subject=subject)
@@ -906,12 +911,12 @@ def _edit_run(method, args, log):
         raise RunError("give --ckpt and --edits (or no arguments for the demo, or --load-edits OUT --prompt ...)")
     # 1. every input and setting checked before the model is loaded
     cfg = llama.LlamaConfig.from_file(Path(args.ckpt) / "config.json")
+    settings = settings_from(method, args)
     records = data.load_edits(args.edits, args.format, n=args.n,
-                              require_subject=method.needs_subject)
+                              require_subject=method.subject_needed(settings))
     if args.n is not None and len(records) < args.n:
         raise RunError(f"--n {args.n}: {args.edits} holds {len(records)} records")
     loc = data.load_edits(args.loc) if args.loc else None
-    settings = settings_from(method, args)
     method.check_settings(settings, cfg)
     inputs = method.inputs_from(args, records)
     task = guess_task(records, args.format)

@@ -411,9 +411,11 @@ class Editor(ev.Editor):
         super().check(records)
         if self.template.end_id(self.tokenizer) is None:
             raise ev.RunError("the tokenizer has no end token (EOS): the expert learns target + end token")
-        if self.s.own_neg == "relations":                  # the subject's other relations need the subject
-            for r in records:
-                data.check_record(r, require_subject=True)
+
+    @classmethod
+    def subject_needed(cls, settings) -> bool:
+        """--own-neg relations asks about each edit's subject: every record must name it."""
+        return settings is not None and settings.own_neg == "relations"
 
     def apply(self, records) -> list[dict]:
         """One edit per record: prompt + target + end token, as generation would produce them."""

@@ -248,6 +248,8 @@ def test_cli_bad_inputs_fail_before_the_model_is_loaded(tmp_path, monkeypatch):
                       (base + ["--theta", "2"], r"theta 2.0: must be in \(0, 1\)"),
                       (base + ["--layer", "3"], "layer 3 is out of range"),
                       (base + ["--unrelated", str(bad)], r"bad.jsonl:2"),
+                      (base + ["--n-unrelated", "5"], "--n-unrelated 5: needs --unrelated"),
+                      (base + ["--own-neg", "relations"], r"good.jsonl:1: subject"),   # it asks about the subject
                       (base + ["--loc", str(tmp_path / "missing.json")], "missing.json"),
                       (base + ["--template", "chatml"], "--template chatml: template chatml: this tokenizer's chat format is 'none'"),
                       (["--load-edits", str(tmp_path)], "needs --prompt"),
