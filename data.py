@@ -659,31 +659,41 @@ def template_for(tokenizer, name: str = "auto", system: str | None = None) -> Te
     return Template(name, system)
 
 
+# How the model's own questions start under a chat template (model_questions): the questions an
+# edit method guards against are factual ones, and a bare user turn gets fragments and code.
+QUESTION_OPENERS = ("What is", "Who is", "Who was", "When was", "Where is", "Which", "In which", "What is the name of")
+
+
 def model_questions(model, tokenizer, template: Template, n: int = 1000, *, seed: int = 0,
-                    max_new_tokens: int = 24, batch: int = 50) -> list[str]:
+                    max_new_tokens: int = 24, batch: int = 50, openers=QUESTION_OPENERS) -> list[str]:
     """Prompts of the kind the model is asked, written by the model itself: the template's text up
-    to where a user's prompt goes ("<|im_start|>user\n", "[INST]", ...) continued by sampling
-    (temperature 1, top-k 50, seeded) until the user's turn ends. Distinct, non-empty, n of them
-    (fewer if the model repeats itself: at most 4n samples). Used where a method needs unrelated
-    prompts and none are given (SCEN's negatives), as NSE's C0 uses the model's own text."""
+    to where a user's prompt goes ("<|im_start|>user\n", "[INST]", ...), then (chat templates) one of
+    `openers` in turn per batch, continued by sampling (temperature 1, top-k 50, seeded) until the
+    user's turn ends. Distinct, non-empty, n of them (fewer if the model repeats itself: at most 4n
+    samples). Used where a method needs unrelated prompts and none are given (SCEN's negatives), as
+    NSE's C0 uses the model's own text."""
     mark = "\x07"
     text = template.prompt_text(tokenizer, mark)
-    start = tokenizer.encode(text[:text.index(mark)])
-    if not start:
-        start = [tokenizer.eos_id]
+    head = text[:text.index(mark)]
+    start = tokenizer.encode(head) or [tokenizer.eos_id]
+    openers = list(openers) if template.kind != "raw" and openers else [""]
     end = template.end_id(tokenizer)
     g, out, seen, tries = torch.Generator().manual_seed(seed), [], set(), 0
     while len(out) < n and tries < 4 * n:
-        new = llama.generate(model, [start] * batch, max_new_tokens, temperature=1.0, top_k=50, generator=g,
+        opener = openers[(tries // batch) % len(openers)]
+        ids = tokenizer.encode(head + opener) if opener else start
+        # the opener's own ids (the head's ids are a prefix of ids with any tokenizer we load)
+        own = ids[len(start):] if ids[:len(start)] == start else tokenizer.encode(opener)
+        new = llama.generate(model, [ids] * batch, max_new_tokens, temperature=1.0, top_k=50, generator=g,
                              eos_ids=[] if end is None else [end], tokenizer=tokenizer,
                              stop_strings=template.stop_strings, pad_id=tokenizer.pad_id or 0)
         tries += batch
-        for ids in new:
-            q = tokenizer.decode(ids, skip_special=True)
+        for seq in new:
+            q = tokenizer.decode(own + seq, skip_special=True)
             for s in template.stop_strings:
                 q = q.split(s)[0]
             q = q.strip()
-            if q and q not in seen and len(out) < n:
+            if q and q != opener and q not in seen and len(out) < n:
                 seen.add(q)
                 out.append(q)
     return out

@@ -359,3 +359,14 @@ def test_other_relation_prompts_leave_out_the_edits_own_relation_and_prefixes_cu
     assert data.sentence_prefixes("About ann. Ann (born 1960) won. She left in 1990.") == [
         "About ann.", "About ann. Ann (born 1960) won."]
     assert data.sentence_prefixes("Who wrote Dune?") == [] and data.sentence_prefixes("A. B. ") == ["A."]
+
+
+def test_model_questions_under_a_chat_template_start_with_the_openers(tmp_path):
+    import torch
+    from conftest import tiny_checkpoint
+    model, tok = llama.load(tiny_checkpoint(tmp_path / "ck"), "cpu", torch.float32)
+    a = data.model_questions(model, tok, Template("llama2"), 20, max_new_tokens=8, batch=5, openers=("Who is", "When was"))
+    assert len(a) == 20 and len(set(a)) == 20
+    assert all(q.startswith(("Who is", "When was")) and q not in ("Who is", "When was") for q in a)
+    assert a[0].startswith("Who is") and a[5].startswith("When was")      # one opener per batch, in turn
+    assert all("[INST]" not in q and "[/INST]" not in q for q in a)
