@@ -111,6 +111,28 @@ def run_variant(model, tok, tpl, recs, enc, targets, sets, unrel_ids, s: scen.Se
     return row
 
 
+HALL_COLUMNS = [("edits reach their own expert", "edit_right_%"), ("WikiBio-A routed", "WikiBio-A_routed_%"),
+                ("A, edited person", "WikiBio-A, edited person_routed_%"),
+                ("A, other person", "WikiBio-A, other person_routed_%"),
+                ("A, not an edit prompt's prefix", "WikiBio-A, not an edit prompt's prefix_routed_%"),
+                ("OWT routed", "OWT_routed_%"), ("neurons at the step cap", "neuron_capped"),
+                ("stage 2 s", "stage2_s")]
+
+
+def hall_table(res: dict) -> str:
+    """The hallucination task's routing, one row per variant (README: hall-levers-table)."""
+    size = res.get("sizes", {})
+    head = [f"{name} ({size[k.rsplit('_', 2)[0]]})" if k.rsplit("_", 2)[0] in size and k.endswith("%") else name
+            for name, k in HALL_COLUMNS]
+    lines = ["| variant | scen.Settings | " + " | ".join(head) + " |", "|" + "---|" * (len(HALL_COLUMNS) + 2)]
+    for name, row in res.get("rows", {}).items():
+        cells = [("" if row.get(k) is None else f"{row[k]:.1f}" if k.endswith("%") else f"{row[k]:g}")
+                 for _, k in HALL_COLUMNS]
+        over = ", ".join(f"{k} {v}" for k, v in row.get("settings", {}).items()) or "-"
+        lines.append(f"| {name} | {over} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--task", choices=["zsre", "hall"], default="zsre")
@@ -132,7 +154,7 @@ def main(argv=None):
     unrel_ids = [data.encode_prompt(tok, tpl, p) for p in unrel]
     out = Path(a.out) if a.out else None
     res = json.loads(out.read_text()) if out and out.exists() else {}
-    res.setdefault("sizes", {k: len(v) for k, v in sets.items()} | {"unrelated": len(unrel_ids)})
+    res["sizes"] = {**res.get("sizes", {}), **{k: len(v) for k, v in sets.items()}, "unrelated": len(unrel_ids)}
     cache: dict = {}
     for name, over in variants.items():
         row = run_variant(model, tok, tpl, recs, enc, targets, sets, unrel_ids, replace(scen.Settings(), **over), cache)

@@ -47,7 +47,7 @@ def fmt(x, digits: int = 1) -> str:
 
 ZSRE_CMD = ("--ckpt {sft}/sft --edits {sft}/d_edit.jsonl --loc {sft}/d_loc.jsonl --n 200 --template chatml "
             "--system '' --threads 1")
-CF_CMD = "--ckpt {smol} --edits {shared}/data/counterfact/counterfact-edit.json --n 200 --threads 1"
+CF_CMD = "--ckpt {smol} --edits {shared}/data/counterfact/counterfact-edit.json --n 200 --threads 1 --no-fluency"
 CF_UNREL = "--unrelated {shared}/data/counterfact/counterfact-train.json --n-unrelated 900"
 CF_C0 = "--stats-text {shared}/data/wikitext/wikitext-2-raw-test.txt"    # nse.py: C0 as in NSE's 200-edit run
 # (row label, script, method flags, protocol note, ZsRE JSON, CounterFact JSON); a JSON absent = not run
@@ -187,7 +187,13 @@ def relation_kl_table(results: Path = RESULTS) -> str:
     return bench_relation_kl.table(r) if r else "(not run: bench/bench_relation_kl.py)"
 
 
-TABLES = {"cross-table": cross_table, "scen-long-table": scen_long_table, "scen-scale-table": scen_scale_table,
+def hall_levers_table(results: Path = RESULTS) -> str:
+    import bench_routing
+    r = load(results / "scen_routing_hall_levers.json")
+    return bench_routing.hall_table(r) if r else "(not run: bench/bench_routing.py --task hall)"
+
+
+TABLES = {"cross-table": cross_table, "hall-levers-table": hall_levers_table, "scen-long-table": scen_long_table, "scen-scale-table": scen_scale_table,
           "long-table": long_table,
           "relation-kl-table": relation_kl_table}
 
