@@ -101,12 +101,23 @@ def subject_row(tok, text: str, subject: str, start: int = 0):
     return ids, len(ids) - 1
 
 
+def asked_text(tok, r, c: str) -> tuple[str, int]:
+    """The text the model reads for request r in context c, and where the request starts in it:
+    c.format(prompt), inside the user's turn when r is asked through a chat template (as_asked)."""
+    text = c.format(r.prompt)
+    if "asked" not in r.meta:
+        return text, c.index("{}")
+    turn = data.Template(*r.meta["asked"]).prompt_text(tok, text)
+    return turn, turn.index(text) + c.index("{}")
+
+
 def key_rows(tok, records, templates):
     """Rows ending at the subject's last token: every context template of every request."""
     rows = []
     for r in records:
         for c in templates:
-            rows.append(subject_row(tok, c.format(r.prompt), r.subject, c.index("{}")))
+            text, at = asked_text(tok, r, c)
+            rows.append(subject_row(tok, text, r.subject, at))
     return rows
 
 
@@ -145,13 +156,15 @@ def z_rows(tok, records, templates, kl_relations: int = 0):
     tmpl = data.Template("raw")
     rows = []
     for i, r in enumerate(records):
+        asked = data.Template(*r.meta["asked"]) if "asked" in r.meta else tmpl
         for c in templates:
-            text = c.format(r.prompt)
-            enc = data.encode_prompt_target(tok, tmpl, text, r.target_new)
-            _, s = subject_row(tok, text, r.subject, c.index("{}"))
+            # under a chat template (as_asked): the turn's text, the answer, then the turn's end token
+            enc = data.encode_prompt_target(tok, asked, c.format(r.prompt), r.target_new)
+            text, at = asked_text(tok, r, c)
+            _, s = subject_row(tok, text, r.subject, at)
             if enc.target_start <= s:
                 raise EditError(f"request {i}: the target must come after the subject in {r.prompt!r}")
-            rows.append((enc.ids[:enc.target_end], s, enc.target_start, enc.target_end, i, None))
+            rows.append((enc.ids, s, enc.target_start, len(enc.ids), i, None))
         ids, s = subject_row(tok, f"{r.subject} is a", r.subject)
         rows.append((ids, s, None, None, i, s))
         for q in KL_RELATIONS[:kl_relations]:
@@ -283,6 +296,8 @@ class ZCache:
              **{f: getattr(hp, f) for f in ("v_lr", "v_steps", "clamp", "v_weight_decay", "kl_factor", "loss_stop")}}
         if hp.kl_relations:                                      # (absent at 0: earlier caches stay valid)
             k["kl_relations"] = KL_RELATIONS[:hp.kl_relations]
+        if "asked" in r.meta:                                    # asked through a chat template
+            k["asked"] = r.meta["asked"]
         return hashlib.blake2b(json.dumps(k, sort_keys=True).encode(), digest_size=16).hexdigest()
 
     def compute(self, model, tok, records, templates, hp: Settings):
@@ -591,7 +606,7 @@ class Editor(ev.Editor):
                 self.C0 = stats.load_or_compute_c0(self.model, self.tokenizer, self.stats_text, self.s.layers,
                                              self.s.stats_tokens, self.cache_dir, log=ev.say)
             self.timer["stats"] = self.timer.get("stats", 0.0) + time.perf_counter() - t
-        rows, st = [], self.state
+        rows, st, records = [], self.state, self.as_asked(records)
         for i in range(0, len(records), self.s.batch_size):
             batch = records[i:i + self.s.batch_size]
             if None in (self.s.lam, self.s.alpha, self.s.upper_bound):    # from the first batch
@@ -612,6 +627,17 @@ class Editor(ev.Editor):
             st.log.append(blog)
             rows.append(blog)
         return rows
+
+    def as_asked(self, records):
+        """The requests as the model is asked them: under a chat template (QA, e.g. ZsRE on an
+        instruction-tuned model) every row is the templated turn (context prefix inside the user's
+        message, the subject in it), and z's target is the answer then the turn's end token, which
+        generation stops on. Raw prompts (CounterFact completions, the papers' protocol) stay raw."""
+        if self.template.kind == "raw":
+            return records
+        if self.template.end_id(self.tokenizer) is None:
+            raise EditError("the chat template has no end token to end an answer")
+        return [replace(r, meta={**r.meta, "asked": [self.template.kind, self.template.system]}) for r in records]
 
     def _alphaedit_projectors(self, batch):
         """The threshold (from C0), one projector per edited layer, then l2 (from the first batch's

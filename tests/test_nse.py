@@ -478,3 +478,24 @@ def test_relation_kl_prompts_are_not_counterfact_prompts():
                     seen.add(p[p.index(r["subject"]):].replace(r["subject"], "{}", 1))
                     seen.add(p.replace(r["subject"], "{}", 1))
     assert not seen & set(nse.KL_RELATIONS)
+
+
+def test_chat_template_requests_are_edited_as_asked_with_the_end_token():
+    """Under a chat template (ZsRE on an instruction-tuned model) a request's rows are the templated
+    turn, and z learns the answer as the template splits it, then the end token generation stops
+    on; keys are read at the subject inside the turn; raw requests are as given."""
+    r = rec("Home of Bob", "Bob", "Q")
+    ed = nse.Editor.__new__(nse.Editor)
+    ed.template, ed.tokenizer = data.Template("llama2"), TOK
+    [a] = ed.as_asked([r])
+    assert a.prompt == r.prompt and a.meta["asked"] == ["llama2", None] and not r.meta
+    rows = [x for x in nse.z_rows(TOK, [a], TEMPLATES) if x[5] is None]
+    assert [x[0][:x[2]] for x in rows] == [TOK.encode("[INST]Home of Bob[/INST]"), TOK.encode("[INST]Ab. Home of Bob[/INST]")]
+    assert all(x[0][x[2]:x[3]] == [TOK.ids["Q"], TOK.eos_id] for x in rows)     # no space: llama2's split
+    keys = nse.key_rows(TOK, [a], TEMPLATES)
+    assert [ids for ids, _ in keys] == [TOK.encode("[INST]Home of Bob"), TOK.encode("[INST]Ab. Home of Bob")]
+    assert [s for _, s in keys] == [x[1] for x in rows]
+    ed.template = data.Template("raw")
+    assert ed.as_asked([r]) == [r]
+    rows = [x for x in nse.z_rows(TOK, [r], TEMPLATES) if x[5] is None]
+    assert all(x[0][x[2]:x[3]] == [TOK.ids[" Q"]] for x in rows)
