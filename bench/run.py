@@ -49,7 +49,7 @@ ZSRE_CMD = ("--ckpt {sft}/sft --edits {sft}/d_edit.jsonl --loc {sft}/d_loc.jsonl
             "--system '' --threads 1")
 CF_CMD = "--ckpt {smol} --edits {shared}/data/counterfact/counterfact-edit.json --n 200 --threads 1 --no-fluency"
 CF_UNREL = "--unrelated {shared}/data/counterfact/counterfact-train.json --n-unrelated 900"
-CF_C0 = "--stats-text {shared}/data/wikitext/wikitext-2-raw-test.txt"    # nse.py: C0 as in NSE's 200-edit run
+C0_TEXT = "--stats-text {shared}/data/wikitext/wikitext-2-raw-test.txt"  # nse.py: C0 as in NSE's 200-edit run
 # (row label, script, method flags, protocol note, ZsRE JSON, CounterFact JSON); a JSON absent = not run
 CROSS = [
     ("SCEN (rank-4 experts)", "scen.py", "--unrelated {u900}", "batch 1; routed (experts + neurons)",
@@ -124,7 +124,7 @@ def cross_commands(sft: str, smol: str, u900: str, runs: Path) -> list[tuple[Pat
         for task, js, base in (("zsre", zj, ZSRE_CMD), ("counterfact", cj, CF_CMD)):
             # SCEN on completions: the unrelated prompts are completions too (counterfact-train, disjoint)
             f = flags if task == "zsre" or script == "nse.py" else flags.replace("--unrelated {u900}", CF_UNREL)
-            f += f" {CF_C0}" if task == "counterfact" and script == "nse.py" else ""
+            f += f" {C0_TEXT}" if script == "nse.py" else ""     # (the model's own text: ~4x slower)
             cmd = f"{script} {base} {f}".format(sft=sft, smol=smol, shared=SHARED, u900=u900)
             run_dir = runs / "cross" / Path(js).stem
             out.append((RESULTS / js, shlex.split(cmd), run_dir))   # --system '' stays an empty argument
