@@ -379,10 +379,13 @@ class Editor(ev.Editor):
         self.base = model.layers[s.layer].mlp.down_proj
         if unrelated is None and tokenizer is None:
             raise ev.RunError("unrelated prompts are needed when no tokenizer is given (token ids)")
+        if s.method == "ft":                       # FT has no neurons: no unrelated prompts to write or encode
+            unrelated = []
         self.unrelated = list(data.model_questions(model, tokenizer, self.template, N_UNRELATED, seed=s.seed)
                               if unrelated is None else unrelated)
         ids = [q if isinstance(q, list) else data.encode_prompt(tokenizer, self.template, q) for q in self.unrelated]
-        self.U_unrel = torch.stack([layer_inputs(model, s.layer, q, self.base, kind=s.pool)[1] for q in ids])
+        self.U_unrel = torch.stack([layer_inputs(model, s.layer, q, self.base, kind=s.pool)[1] for q in ids]) if ids \
+            else torch.zeros(0, self.base.in_features, device=model.device)
         self.restore()
 
     @classmethod
@@ -396,7 +399,8 @@ class Editor(ev.Editor):
         """The original down projection back in the model (its logits are the unedited model's, bit
         for bit) and no edits; the next edit starts again from edit 1."""
         self.model.layers[self.s.layer].mlp.down_proj = self.base
-        self.mu, self.U, self.U_own, self.log, self.saved_n = self.U_unrel.mean(0), [], [], [], {}
+        self.mu = self.U_unrel.mean(0) if len(self.U_unrel) else None
+        self.U, self.U_own, self.log, self.saved_n = [], [], [], {}
         self.router = RoutedDown(self.base, self.s, self.mu) if self.s.method == "scen" else None
         self.ft = Expert(self.base.weight.detach().float().clone()) if self.s.method == "ft" else None
 
