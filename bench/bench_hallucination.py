@@ -109,15 +109,20 @@ def main(argv=None):
     ap.add_argument("--stages", default="unedited,scen,ft", help="comma-separated: unedited, scen, ft")
     ap.add_argument("--batch-size", type=int, default=8, help="perplexity batch size")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--settings", default="{}", help="scen stage: scen.Settings overrides as JSON, e.g. "
+                    "'{\"own_neg\": \"prefixes\", \"pool\": \"last\"}' (a lever of bench_routing.py)")
+    ap.add_argument("--name", help="the scen stage's row in the JSON (default: scen); rows of earlier runs stay")
     ap.add_argument("--out", default=str(ROOT / "bench/results/scen_hallucination.json"), help="results JSON")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     edits, acc, sets, unrel = load_task(a.shared, a.n, a.n_acc, a.n_owt, a.owt_prompt_chars)
     model, tok = llama.load(a.ckpt)
     tpl = data.Template("raw")
-    res = {"args": vars(a), "template": "raw", "n_edits": len(edits), "sizes": {k: len(v) for k, v in sets.items()},
-           "n_unrelated": len(unrel), "loadavg_start": os.getloadavg()}
     out = Path(a.out)
+    over = json.loads(a.settings)
+    res = json.loads(out.read_text()) if out.exists() else {}            # earlier rows (unedited) stay
+    res.update({"args": vars(a), "template": "raw", "n_edits": len(edits), "sizes": {k: len(v) for k, v in sets.items()},
+                "n_unrelated": len(unrel), "loadavg_start": os.getloadavg()})
 
     def save():
         res["loadavg_now"] = os.getloadavg()
@@ -132,7 +137,8 @@ def main(argv=None):
         print("unedited", res["unedited"], flush=True)
         save()
     for method in [m for m in ("scen", "ft") if m in stages]:
-        ed = scen.Editor(model, tok, scen.Settings(method=method), template=tpl, unrelated=unrel)
+        ed = scen.Editor(model, tok, scen.Settings(method=method, **(over if method == "scen" else {})),
+                         template=tpl, unrelated=unrel)
         t0, secs = time.perf_counter(), []
         for i in range(0, len(edits), 20):           # in sequence; a progress line every 20 edits
             chunk = edits[i:i + 20]
@@ -151,14 +157,15 @@ def main(argv=None):
             r["routed_own_expert_on_edit_%"] = round(100.0 * sum(x["routed_to"] == i for i, x in enumerate(ed.log)) / len(ed.log), 1)
             r["routed_to_an_expert_%"] = {k: round(routed_share(ed, tok, tpl, [p for p, _ in v]), 1)
                                           for k, v in sets.items() if k != "WikiBio-E"}
-        res[method] = r
-        print(method, r, flush=True)
+        name = (a.name or method) if method == "scen" else method
+        res[name] = dict(r, settings=over if method == "scen" else {})
+        print(name, r, flush=True)
         ed.restore()                                              # back to the unedited model
         save()
     if "unedited" in res:
         base = res["unedited"]
         print("\n| model | WikiBio-E | WikiBio-A | OWT |\n|---|---|---|---|")
-        for m in ("unedited", "scen", "ft"):
+        for m in [k for k, v in res.items() if isinstance(v, dict) and "eval_s" in v]:
             if m in res:
                 print(f"| {m} | " + " | ".join(f"{res[m][k]:.2f} ({res[m][k] / base[k]:.2f}x)" for k in sets) + " |")
 

@@ -187,13 +187,30 @@ def relation_kl_table(results: Path = RESULTS) -> str:
     return bench_relation_kl.table(r) if r else "(not run: bench/bench_relation_kl.py)"
 
 
+def hall_table(results: Path = RESULTS) -> str:
+    """SCEN's hallucination task (bench_hallucination.py): perplexity after 200 edits, x unedited."""
+    r = load(results / "scen_hallucination.json") or {}
+    sets, size = ("WikiBio-E", "WikiBio-A", "OWT"), r.get("sizes", {})
+    lines = ["| 200 edits | " + " | ".join(f"{k} ({size.get(k, '?')})" for k in sets) + " |", "|---|---|---|---|"]
+    base = r.get("unedited")
+    if base is None:
+        return "\n".join(lines + ["| not run | | | |"])
+    label = {"unedited": "unedited", "scen": "SCEN, defaults", "ft": "FT"}
+    for name, row in r.items():
+        if isinstance(row, dict) and "eval_s" in row:                 # a model's row (not "sizes")
+            over = ", ".join(f"{k} {v}" for k, v in row.get("settings", {}).items())
+            cells = [f"{row[k]:.2f}" + ("" if name == "unedited" else f" ({row[k] / base[k]:.3f}x)") for k in sets]
+            lines.append(f"| {label.get(name, name)}{f' ({over})' if over else ''} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + ["| paper, Llama-2-7B: SCEN / FT | 2.93 / 1.25 | 2.28 / 2.58 | 4.82 / 5.31 |"])
+
+
 def hall_levers_table(results: Path = RESULTS) -> str:
     import bench_routing
     r = load(results / "scen_routing_hall_levers.json")
     return bench_routing.hall_table(r) if r else "(not run: bench/bench_routing.py --task hall)"
 
 
-TABLES = {"cross-table": cross_table, "hall-levers-table": hall_levers_table, "scen-long-table": scen_long_table, "scen-scale-table": scen_scale_table,
+TABLES = {"cross-table": cross_table, "hall-table": hall_table, "hall-levers-table": hall_levers_table, "scen-long-table": scen_long_table, "scen-scale-table": scen_scale_table,
           "long-table": long_table,
           "relation-kl-table": relation_kl_table}
 
