@@ -677,13 +677,15 @@ def model_questions(model, tokenizer, template: Template, n: int = 1000, *, seed
     head = text[:text.index(mark)]
     start = tokenizer.encode(head) or [tokenizer.eos_id]
     openers = list(openers) if template.kind != "raw" and openers else [""]
+    # per opener: (the ids generation starts from, the opener's own ids, decoded with the answer)
+    starts = [(start, [])] if openers == [""] else [
+        (ids, ids[len(start):] if ids[:len(start)] == start else tokenizer.encode(o, bos=False))
+        for o, ids in ((o, tokenizer.encode(head + o)) for o in openers)]
     end = template.end_id(tokenizer)
     g, out, seen, tries = torch.Generator().manual_seed(seed), [], set(), 0
     while len(out) < n and tries < 4 * n:
-        opener = openers[(tries // batch) % len(openers)]
-        ids = tokenizer.encode(head + opener) if opener else start
-        # the opener's own ids (the head's ids are a prefix of ids with any tokenizer we load)
-        own = ids[len(start):] if ids[:len(start)] == start else tokenizer.encode(opener)
+        k = (tries // batch) % len(openers)
+        opener, (ids, own) = openers[k], starts[k]
         new = llama.generate(model, [ids] * batch, max_new_tokens, temperature=1.0, top_k=50, generator=g,
                              eos_ids=[] if end is None else [end], tokenizer=tokenizer,
                              stop_strings=template.stop_strings, pad_id=tokenizer.pad_id or 0)

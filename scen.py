@@ -426,17 +426,19 @@ class Editor(ev.Editor):
         rows = []
         for r in records:
             e = data.encode_prompt_target(self.tokenizer, self.template, r.prompt, r.target_new, add_eos=True)
-            neg = [data.encode_prompt(self.tokenizer, self.template, p) for p in self.own_negatives(r)]
-            rows.append(self.edit_ids(e.ids, e.target_start, {"prompt": r.prompt, "target": r.target_new}, negatives=neg))
+            rows.append(self.edit_ids(e.ids, e.target_start, {"prompt": r.prompt, "target": r.target_new},
+                                      negatives=self.own_negatives(r)))
         return rows
 
-    def own_negatives(self, r) -> list[str]:
-        """Prompts made from edit r that its neuron must not fire on (Settings.own_neg): the same
-        subject asked other relations (questions under a chat template, completions raw), or the
-        passage cut after its earlier sentences."""
+    def own_negatives(self, r) -> list[list[int]]:
+        """Prompts (ids) made from edit r that its neuron must not fire on (Settings.own_neg): the
+        same subject asked other relations (questions under a chat template, completions raw), or
+        the passage cut after its earlier sentences."""
         if self.s.own_neg == "relations":
-            return data.other_relation_prompts(r.subject, r.prompt, question=self.template.kind != "raw")
-        return data.sentence_prefixes(r.prompt) if self.s.own_neg == "prefixes" else []
+            texts = data.other_relation_prompts(r.subject, r.prompt, question=self.template.kind != "raw")
+        else:
+            texts = data.sentence_prefixes(r.prompt) if self.s.own_neg == "prefixes" else []
+        return [data.encode_prompt(self.tokenizer, self.template, p) for p in texts]
 
     def edit_ids(self, ids: list[int], target_start: int, info: dict | None = None, expert=None,
                  negatives: list[list[int]] = ()) -> dict:

@@ -78,8 +78,7 @@ def run_variant(model, tok, tpl, recs, enc, targets, sets, unrel_ids, s: scen.Se
     key = (ed.s.layer, ed.s.pool)
     t0 = time.perf_counter()
     for r, e in zip(recs, enc):    # stage 2 alone: the base weight stands in for the expert (never run)
-        neg = [data.encode_prompt(tok, tpl, p) for p in ed.own_negatives(r)]
-        ed.edit_ids(e.ids, e.target_start, expert=ed.base.weight, negatives=neg)
+        ed.edit_ids(e.ids, e.target_start, expert=ed.base.weight, negatives=ed.own_negatives(r))
     stage2_s = time.perf_counter() - t0
     row = {"own_at_edit_%": 100.0 * sum(r["routed_to"] == t for t, r in enumerate(ed.log)) / len(enc),
            "neuron_steps_mean": sum(r["neuron_steps"] for r in ed.log) / len(enc),
