@@ -12,10 +12,10 @@ An edit request is (prompt containing a subject, new target). Per batch of reque
   4. Cp     accumulate K K^T of the batch, so later batches protect earlier edits.
 C0 = E[k k^T] over a text corpus is the prior that protects everything else; it is computed on the
 unedited model once and cached as safetensors under --cache-dir (key: checkpoint weights, layer,
-corpus, token count). z depends only on the original weights: it is cached per request (ZCache).
+corpus, token count). z depends only on the original weights: it is cached per request (cached_z).
 Baselines: MEMIT (--method memit): all neurons, no rewinding, one pass. AlphaEdit (--method
-alphaedit; Fang et al., ICLR 2025): MEMIT's z and keys, the update confined to the null space of
-C0 (null_space_projector, solve_projected_update), Cp protecting earlier batches, one pass.
+alphaedit; Fang et al., ICLR 2025; its math in alphaedit.py): MEMIT's z and keys, the update confined
+to the null space of C0, Cp protecting earlier batches, one pass.
 Step numbers ("step 1".."step 5") refer to the NSE section of shared/docs/METHODS.md.
 
     python nse.py                                    # the demo: its own tiny model, end to end
@@ -23,7 +23,6 @@ Step numbers ("step 1".."step 5") refer to the NSE section of shared/docs/METHOD
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import alphaedit
 import data
 import eval as ev
 import llama
@@ -277,48 +277,22 @@ def compute_z_together(model, tok, records, templates, hp: Settings):
     return z.cpu(), h_init.cpu(), {"steps": steps.tolist(), "final_loss": loss.detach().tolist()}
 
 
-class ZCache:
-    """NSE's z per request on disk (cache_dir/z/<key>.safetensors). z is computed on the original
-    weights, so it depends only on them, the request, the context templates and the z settings: the
-    key hashes all of these, and a second run (another neuron_threshold, more edits) pays only for
-    the updates. A z read back is the one computed the first time, in its first batch; the same
-    request in another batch can differ from it in the last bits (other padding, other matmul shapes).
-    Build it on the unedited model: the digest covers every weight."""
-
-    def __init__(self, root, model):
-        self.root = Path(root) / "z"
-        self.model = llama.weights_digest(sorted(model.state_dict().items())).hex()
-        self.hits = 0
-
-    def key(self, r, templates, hp: Settings, model) -> str:
-        k = {"weights": self.model, "prompt": r.prompt, "subject": r.subject, "target_new": r.target_new,
-             "templates": templates, "layer": hp.layers[-1], "dtype": str(model.dtype), "device": model.device.type,
-             **{f: getattr(hp, f) for f in ("v_lr", "v_steps", "clamp", "v_weight_decay", "kl_factor", "loss_stop")}}
-        if hp.kl_relations:                                      # (absent at 0: earlier caches stay valid)
-            k["kl_relations"] = KL_RELATIONS[:hp.kl_relations]
-        if "asked" in r.meta:                                    # asked through a chat template
-            k["asked"] = r.meta["asked"]
-        return hashlib.blake2b(json.dumps(k, sort_keys=True).encode(), digest_size=16).hexdigest()
-
-    def compute(self, model, tok, records, templates, hp: Settings):
-        """compute_z for the requests not cached yet; (Z (n, D), {"steps", "cache_hits"})."""
-        keys = [self.key(r, templates, hp, model) for r in records]
-        Z, steps, miss = [None] * len(records), [0] * len(records), []
-        for i, k in enumerate(keys):
-            path = self.root / f"{k}.safetensors"
-            if path.exists():
-                with safe_open(str(path), "pt") as f:
-                    Z[i], steps[i] = f.get_tensor("z"), int(f.metadata()["steps"])
-            else:
-                miss.append(i)
-        if miss:
-            z, _, log = compute_z(model, tok, [records[i] for i in miss], templates, hp)
-            for j, i in enumerate(miss):
-                Z[i], steps[i] = z[j], log["steps"][j]
-                llama.write_safetensors(self.root / f"{keys[i]}.safetensors", {"z": z[j].contiguous()},
-                                        {"steps": str(steps[i])})
-        self.hits += len(records) - len(miss)
-        return torch.stack(Z), {"steps": steps, "cache_hits": len(records) - len(miss)}
+def cached_z(zcache: stats.ZCache, model, tok, records, templates, hp: Settings):
+    """compute_z for the requests zcache does not hold yet; (Z (n, D), {"steps", "cache_hits"}).
+    z is computed on the original weights, so its key is the request, the context templates and the
+    z settings (ZCache adds the weights); a second run (another neuron_threshold, more edits) pays
+    only for the updates."""
+    k = {"templates": templates, "layer": hp.layers[-1], "dtype": str(model.dtype), "device": model.device.type,
+         **{f: getattr(hp, f) for f in ("v_lr", "v_steps", "clamp", "v_weight_decay", "kl_factor", "loss_stop")}}
+    if hp.kl_relations:                                          # (absent at 0: earlier caches stay valid)
+        k["kl_relations"] = KL_RELATIONS[:hp.kl_relations]
+    keys = [{**k, "prompt": r.prompt, "subject": r.subject, "target_new": r.target_new,
+             **({"asked": r.meta["asked"]} if "asked" in r.meta else {})} for r in records]   # chat-asked
+    def compute(miss):
+        z, _, log = compute_z(model, tok, [records[i] for i in miss], templates, hp)
+        return z, log["steps"]
+    Z, steps, hits = zcache.get_or_compute(keys, compute)
+    return Z, {"steps": steps, "cache_hits": hits}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,31 +362,6 @@ def restrict(C: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
     return C if len(S) == C.shape[0] else C[S][:, S]
 
 
-# AlphaEdit (Fang et al., ICLR 2025): MEMIT with the update confined to the null space of the
-# preserved keys, so the outputs of every key C0 describes stay put (its "one line of projection").
-
-def null_space_projector(C0: torch.Tensor, threshold: float) -> torch.Tensor:
-    """P = U0 U0^T, U0 = the eigenvectors of C0 = E[k k^T] whose eigenvalue is below `threshold`
-    (AlphaEdit's projector: dW P K0 ~ 0 for the preserved keys K0). Symmetric and idempotent. (F, F)"""
-    e, U = torch.linalg.eigh(C0.double())                        # ascending eigenvalues
-    U0 = U[:, e < threshold]                                     # (F, null dim)
-    return U0 @ U0.T
-
-
-def solve_projected_update(R, K, P, Cp, l2: float) -> torch.Tensor:
-    """dW = (X)^T,  X = (P (K K^T + Cp) + l2 I)^-1 P K R^T  (AlphaEdit's closed form, as its official
-    code solves it): the minimiser of ||dW' P K - R||^2 + ||dW' P Kp||^2 + l2 ||dW'||^2 over
-    dW = dW' P, i.e. an update whose rows live in the null space of C0. R (D, n), K (F, n), P (F, F),
-    Cp the sum of K K^T of earlier batches (or None). The system is not symmetric: LU solve, float64."""
-    K64, P64 = K.double(), P.double()
-    A = K64 @ K64.T                                              # (F, F)
-    if Cp is not None:
-        A += Cp
-    A = P64 @ A
-    A.diagonal().add_(l2)
-    return torch.linalg.solve(A, P64 @ K64 @ R.double().T).T     # (D, F)
-
-
 @dataclass
 class EditState:
     """What sequential editing carries across batches: W0 (original down projections of the
@@ -429,7 +378,7 @@ class EditState:
 
 
 def edit_batch(model, tok, records, templates, hp: Settings, state: EditState, C0: dict, timer: dict,
-               P: dict | None = None, zcache: ZCache | None = None):
+               P: dict | None = None, zcache: stats.ZCache | None = None):
     """One sequential batch (steps 1-4). Returns the batch log: passes, residuals, requests left.
     alphaedit: P[l] the null-space projector of each edited layer; one pass, every neuron.
     zcache: NSE's z read from / written to disk (MEMIT's and AlphaEdit's z see the current weights)."""
@@ -438,7 +387,7 @@ def edit_batch(model, tok, records, templates, hp: Settings, state: EditState, C
     t = time.perf_counter()
     with rewound(model, state.W0 if nse else None):              # MEMIT: z on the current weights
         if nse and zcache is not None:
-            Z, zlog = zcache.compute(model, tok, records, templates, hp)
+            Z, zlog = cached_z(zcache, model, tok, records, templates, hp)
         else:
             Z, _, zlog = compute_z(model, tok, records, templates, hp)
     timer["z"] = timer.get("z", 0.0) + time.perf_counter() - t
@@ -465,7 +414,7 @@ def edit_batch(model, tok, records, templates, hp: Settings, state: EditState, C
             t = time.perf_counter()
             Cp = state.Cp.get(l)
             if hp.method == "alphaedit":
-                dW = solve_projected_update(Rj, K, P[l], Cp, hp.l2)
+                dW = alphaedit.solve_projected_update(Rj, K, P[l], Cp, hp.l2)
             else:
                 dW = solve_update(Rj, K[S], restrict(C0[l], S), None if Cp is None else restrict(Cp, S), hp.lam)
             w = model.layers[l].mlp.down_proj.weight
@@ -519,26 +468,6 @@ def derive_scale_defaults(model, tok, records, templates, layers, C0, clamp: flo
             "hidden_norm_median": m, "mahalanobis_q_median": q}
 
 
-def default_nullspace_threshold(C0, layers) -> float:
-    """AlphaEdit's threshold for the checkpoint at hand: the mean eigenvalue of C0 (trace / F,
-    averaged over the edited layers), so the null space is the directions with less than average
-    key variance. On SmolLM2-135M (WikiText-2, layers 4-8) this is 0.024, next to the official
-    absolute 2e-2 for Llama3-8B."""
-    return sum(C0[l].diagonal().double().mean().item() for l in layers) / len(layers)
-
-
-def default_l2(model, tok, records, templates, P_last, layer) -> dict:
-    """AlphaEdit's ridge: l2 = L2_PER_PK2 * median ||P k||^2 of the batch's keys at the last edited
-    layer, so a lone request's projected solve realises about 1 / (1 + L2_PER_PK2) of its residual,
-    whatever the key scale."""
-    K, _ = subject_states(model, tok, records, templates, [layer], layer)
-    pk2 = (P_last @ K[layer].double()).pow(2).sum(0).median().item()
-    return {"l2": L2_PER_PK2 * pk2, "projected_key_norm2_median": pk2}
-
-
-L2_PER_PK2 = 0.1
-
-
 # ----------------------------------------------------------------------------------------------
 # The editor: batches in sequence, the state that lets editing continue, persistence
 
@@ -567,7 +496,7 @@ class Editor(ev.Editor):
         self.contexts = context_templates(model, tokenizer, self.given.seed)
         self.W0 = {l: w.detach().clone() for l, w in self._weights(self.given).items()}
         self.C0, self.P, self.derived, self.timer = None, None, {}, {}
-        self.zcache = ZCache(self.cache_dir, model) if z_cache and self.given.method == "nse" else None
+        self.zcache = stats.ZCache(self.cache_dir, model) if z_cache and self.given.method == "nse" else None
         self._start()
 
     def _weights(self, s):
@@ -642,16 +571,17 @@ class Editor(ev.Editor):
     def _alphaedit_projectors(self, batch):
         """The threshold (from C0), one projector per edited layer, then l2 (from the first batch's
         projected keys); a resumed editor has both settings and only rebuilds the projectors."""
-        if self.s.nullspace_threshold is None:
-            self.s = replace(self.s, nullspace_threshold=default_nullspace_threshold(self.C0, self.s.layers))
-            self.derived["nullspace_threshold"] = self.s.nullspace_threshold
+        s, top = self.s, self.s.layers[-1]
+        if s.nullspace_threshold is None:
+            self.s = s = replace(s, nullspace_threshold=alphaedit.default_nullspace_threshold(self.C0, s.layers))
+            self.derived["nullspace_threshold"] = s.nullspace_threshold
         if self.P is None:
-            self.P = {l: null_space_projector(self.C0[l], self.s.nullspace_threshold) for l in self.s.layers}
+            self.P = {l: alphaedit.null_space_projector(self.C0[l], s.nullspace_threshold) for l in s.layers}
             self.derived["null_dims"] = {str(l): round(torch.trace(p).item()) for l, p in self.P.items()}
-        if self.s.l2 is None:
-            d = default_l2(self.model, self.tokenizer, batch, self.contexts, self.P[self.s.layers[-1]], self.s.layers[-1])
-            self.derived.update(d)
-            self.s = replace(self.s, l2=d["l2"])
+        if s.l2 is None:
+            K, _ = subject_states(self.model, self.tokenizer, batch, self.contexts, [top], top)
+            self.derived.update(alphaedit.default_l2(self.P[top], K[top]))
+            self.s = replace(s, l2=self.derived["l2"])
 
     def report_notes(self) -> list[str]:
         total, left = sum(self.timer.values()) or 1.0, sum(len(b["left_above_upper"]) for b in self.log)
@@ -695,7 +625,7 @@ class Editor(ev.Editor):
         if llama.weights_digest(sorted(ed.W0.items())).hex() != meta["W0_digest"]:
             raise EditError(f"{path}: the model is not the one these edits started from (the down projections "
                             f"of layers {ed.s.layers} differ): load them on the unedited checkpoint")
-        ed.zcache = ZCache(ed.cache_dir, model) if meta.get("z_cache") and ed.s.method == "nse" else None
+        ed.zcache = stats.ZCache(ed.cache_dir, model) if meta.get("z_cache") and ed.s.method == "nse" else None
         for l, w in ed._weights(ed.s).items():
             w.data.copy_(t[f"W.{l}"])
         Cp = {l: t[f"Cp.{l}"] for l in ed.s.layers if f"Cp.{l}" in t}

@@ -1,7 +1,8 @@
 """
-stats.py: the corpus prior of the MEMIT family (MEMIT, NSE, AlphaEdit): C0 = E[k k^T], the second
-moment of the down projection's inputs k over a text corpus, per edited layer (NSE step 5 in
-shared/docs/METHODS.md; MEMIT, Meng et al. 2023, Eq. 14's "K0 K0^T").
+stats.py: what the MEMIT family (MEMIT, NSE, AlphaEdit) computes once on the unedited model and keeps
+on disk. Chiefly the corpus prior C0 = E[k k^T], the second moment of the down projection's inputs k
+over a text corpus, per edited layer (NSE step 5 in shared/docs/METHODS.md; MEMIT, Meng et al. 2023,
+Eq. 14's "K0 K0^T"); also ZCache, NSE's per-request z (computed on the original weights).
 
 No download: C0 comes from a text file the user names, or, when none is given, from text the model
 writes itself (generated_corpus). It is computed once on the unedited model and cached as
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import data
@@ -77,6 +79,44 @@ class C0Store(dict):
 
     def __contains__(self, l):
         return dict.__contains__(self, l) or l in self.on_disk
+
+
+class ZCache:
+    """Per-request vectors computed on the unedited model, kept on disk (root/z/<key>.safetensors):
+    NSE's z (nse.cached_z). The key hashes the model's every weight and what the caller says the
+    vector depends on. A vector read back is the one computed the first time, in its first batch;
+    the same request in another batch can differ from it in the last bits (other padding, other
+    matmul shapes). Build it on the unedited model: the digest covers every weight."""
+
+    def __init__(self, root, model):
+        self.root = Path(root) / "z"
+        self.model = llama.weights_digest(sorted(model.state_dict().items())).hex()
+        self.hits = 0
+
+    def key(self, parts: dict) -> str:
+        k = {"weights": self.model, **parts}
+        return hashlib.blake2b(json.dumps(k, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+    def get_or_compute(self, parts: list[dict], compute):
+        """(Z (n, D), steps, hits): one vector per key; compute(indices) -> (z (m, D), steps) makes the
+        missing ones, which are written atomically."""
+        keys = [self.key(p) for p in parts]
+        Z, steps, miss = [None] * len(keys), [0] * len(keys), []
+        for i, k in enumerate(keys):
+            path = self.root / f"{k}.safetensors"
+            if path.exists():
+                with safe_open(str(path), "pt") as f:
+                    Z[i], steps[i] = f.get_tensor("z"), int(f.metadata()["steps"])
+            else:
+                miss.append(i)
+        if miss:
+            z, zsteps = compute(miss)
+            for j, i in enumerate(miss):
+                Z[i], steps[i] = z[j], zsteps[j]
+                llama.write_safetensors(self.root / f"{keys[i]}.safetensors", {"z": z[j].contiguous()},
+                                        {"steps": str(steps[i])})
+        self.hits += len(keys) - len(miss)
+        return torch.stack(Z), steps, len(keys) - len(miss)
 
 
 def load_or_compute_c0(model, tok, text_path, layers, n_tokens, cache_dir, chunk=512, log=print,

@@ -10,6 +10,7 @@ import torch
 
 from conftest import ROOT, edit_files, tiny_model
 
+import alphaedit
 import data
 import llama
 import nse
@@ -157,7 +158,7 @@ def _edit_and_measure(method, identity_prior=False):
     with torch.no_grad():
         before = model(held).softmax(-1)
     hp = hp_for(model, layers=[0, 1], lam=1.0, method=method, kl_factor=0.0, l2=1e-3)
-    P = {l: nse.null_space_projector(C0[l], C0[l].diagonal().mean().item()) for l in C0}
+    P = {l: alphaedit.null_space_projector(C0[l], C0[l].diagonal().mean().item()) for l in C0}
     state = nse.EditState.fresh(model, [0, 1])
     log = nse.edit_batch(model, TOK, recs, TEMPLATES, hp, state, C0, {}, P)
     with torch.no_grad():
@@ -187,7 +188,7 @@ def _preserved_keys(F=32, rank=20, n=400, seed=0):
 
 def test_null_space_projector_is_idempotent_and_annihilates_the_preserved_keys():
     K0, basis, C0 = _preserved_keys()
-    P = nse.null_space_projector(C0, threshold=1e-8)
+    P = alphaedit.null_space_projector(C0, threshold=1e-8)
     assert torch.allclose(P @ P, P, atol=1e-10) and torch.allclose(P, P.T, atol=1e-12)
     assert round(torch.trace(P).item()) == 32 - 20                     # the null space: the 12 unused directions
     assert (P @ basis).norm() < 1e-5 * basis.norm()                    # the preserved directions are annihilated
@@ -196,11 +197,11 @@ def test_null_space_projector_is_idempotent_and_annihilates_the_preserved_keys()
 
 def test_alphaedit_update_keeps_preserved_outputs_and_moves_the_edited_keys():
     K0, basis, C0 = _preserved_keys()
-    P = nse.null_space_projector(C0, threshold=1e-8)
+    P = alphaedit.null_space_projector(C0, threshold=1e-8)
     g = torch.Generator().manual_seed(1)
     K1 = torch.randn(32, 3, generator=g, dtype=torch.float64)         # new keys, partly outside the preserved span
     R = torch.randn(16, 3, generator=g, dtype=torch.float64)          # residuals z - h they must realise
-    dW = nse.solve_projected_update(R, K1, P, None, l2=1e-6)           # (D, F)
+    dW = alphaedit.solve_projected_update(R, K1, P, None, l2=1e-6)           # (D, F)
     assert dW.shape == (16, 32)
     assert (dW @ K0).norm() < 1e-5 * (dW @ K1).norm()                   # W k0 unchanged (to the keys noise)
     assert (dW @ basis).norm() < 1e-6 * dW.norm()
@@ -209,7 +210,7 @@ def test_alphaedit_update_keeps_preserved_outputs_and_moves_the_edited_keys():
     dW_memit = nse.solve_update(R, K1, C0.clone(), None, 1e-6)
     assert (dW_memit @ K0).norm() > 10 * (dW @ K0).norm()
     # a larger ridge realises less of the residual; with Cp the earlier keys are held too
-    far = nse.solve_projected_update(R, K1, P, None, l2=10.0)
+    far = alphaedit.solve_projected_update(R, K1, P, None, l2=10.0)
     assert (far @ K1 - R).norm() > (dW @ K1 - R).norm()
 
 
@@ -402,20 +403,20 @@ def test_z_cache_returns_the_computed_z_and_recomputes_when_a_key_part_changes(t
     hp = hp_for(model, layers=[0], v_steps=5)
     real, calls = nse.compute_z, []
     monkeypatch.setattr(nse, "compute_z", lambda m, t, rs, *a, **k: calls.append(len(rs)) or real(m, t, rs, *a, **k))
-    cache = nse.ZCache(tmp_path, model)
-    Z, log = cache.compute(model, TOK, recs, TEMPLATES, hp)
+    cache = stats.ZCache(tmp_path, model)
+    Z, log = nse.cached_z(cache, model, TOK, recs, TEMPLATES, hp)
     assert calls == [2] and log["cache_hits"] == 0 and len(list((tmp_path / "z").glob("*.safetensors"))) == 2
     expect, _, _ = real(model, TOK, recs, TEMPLATES, hp)
     assert torch.equal(Z, expect)
-    Z2, log = cache.compute(model, TOK, recs[::-1], TEMPLATES, hp)              # both read back, in order
+    Z2, log = nse.cached_z(cache, model, TOK, recs[::-1], TEMPLATES, hp)              # both read back, in order
     assert calls == [2] and log["cache_hits"] == 2 and torch.equal(Z2, Z.flip(0))
-    cache.compute(model, TOK, recs, TEMPLATES, hp_for(model, layers=[0], v_steps=6))   # another z setting
+    nse.cached_z(cache, model, TOK, recs, TEMPLATES, hp_for(model, layers=[0], v_steps=6))   # another z setting
     assert calls == [2, 2]
-    cache.compute(model, TOK, [rec("The boss of Kim", "Kim", " R", " A")], TEMPLATES, hp)   # another target
+    nse.cached_z(cache, model, TOK, [rec("The boss of Kim", "Kim", " R", " A")], TEMPLATES, hp)   # another target
     assert calls == [2, 2, 1]
     with torch.no_grad():
         model.layers[1].mlp.up_proj.weight[0, 0] += 1e-3                    # another checkpoint
-    nse.ZCache(tmp_path, model).compute(model, TOK, recs, TEMPLATES, hp)
+    nse.cached_z(stats.ZCache(tmp_path, model), model, TOK, recs, TEMPLATES, hp)
     assert calls == [2, 2, 1, 2]
 
 
