@@ -111,6 +111,57 @@ def cross_table(results: Path = RESULTS) -> str:
     return "\n".join(lines + rows)
 
 
+# The "which method when" figures: one column per method, the cross cells and the 1000-edit runs
+WHICH = [("SCEN (rank-4 experts)", 0, None), ("NSE", 3, "nse"), ("MEMIT (sequential)", 4, "memit"),
+         ("AlphaEdit", 5, "alphaedit"), ("FT (down projection)", 2, None)]   # (column, CROSS row, long run)
+
+
+def which_table(results: Path = RESULTS) -> str:
+    """Accuracy rows of the README's "Which method when" table, from the same JSONs as the cross
+    table and the 1000-edit table; the best figure of a row (mean of its three) in bold."""
+    def row(label, cells, scores):
+        best = max((x for x in scores if x is not None), default=None)
+        cells = [f"**{c}**" if x is not None and x == best and sum(y == best for y in scores) == 1 else c
+                 for c, x in zip(cells, scores)]
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    def triple(d, keys, extra=""):
+        if not all(k in d for k in keys):
+            return "not run", None
+        return " / ".join(f"{d[k]:.1f}" for k in keys) + extra, sum(d[k] for k in keys) / 3
+
+    qa, cf, long, rel = [], [], [], []
+    for label, i, m in WHICH:
+        _, _, _, _, zj, cj = CROSS[i]
+        z, c = harness_figures(load(results / zj))[1], harness_figures(load(results / cj))[1]
+        qa.append(triple(z, ("Reliability (gen)", "Generality (gen)", "Locality (gen)")))
+        cf.append(triple(c, ("Efficacy", "Generalization", "Specificity")))
+        r = load(results / f"long_{m}_n1000.json") if m else None
+        if r and r["evals"] and r["evals"][-1]["n_done"] == 1000:
+            e, ppl = r["evals"][-1], r["evals"][-1]["WikiText-2 PPL"] / r["unedited"]["WikiText-2 PPL"]
+            long.append(triple(e, ("Efficacy", "Generalization", "Specificity"), f", {ppl:.2f}x"))
+        else:
+            long.append(("not run" if label.startswith("SCEN") else "", None))
+        if "Relation specificity (own > new)" not in c and m == "nse":
+            c = (load(results / "relation_nse_smollm2_n200.json") or {}).get("edited", {})
+        x = c.get("Relation specificity (unchanged, tf)")
+        a = load(results / f"long_analysis_{m}_n1000.json") if m else None
+        txt = "not run" if x is None else f"{x:.1f} at 200" + (
+            f"; {a['Relation specificity (unchanged, tf)']:.1f} after 1000" if a else "")
+        if i == 0 and (o := harness_figures(load(results / "relation_scen_ownneg_n200.json"))[1]):
+            txt += f" ({o['Relation specificity (unchanged, tf)']:.1f} with `--own-neg relations`, " \
+                   f"Generalization {o['Generalization']:.1f})"
+        rel.append((txt, x))
+    head = "| | " + " | ".join(label for label, _, _ in WHICH) + " |"
+    return "\n".join([head, "|---" * (len(WHICH) + 1) + "|",
+                      row("QA edits, 200 (ZsRE, gen exact match: Rel / Gen / Loc; batch 1 for SCEN and FT, "
+                          "20 for the others)", *zip(*qa)),
+                      row("completions, 200 (CounterFact: E / G / S; batches as above)", *zip(*cf)),
+                      row("completions, 1000 (batches of 100: E / G / S, held-out PPL x unedited)", *zip(*long)),
+                      row("the same subject's other facts (relation specificity, % unchanged; unedited 100)",
+                          *zip(*rel))])
+
+
 def _relation(d: dict) -> str:
     if "Relation specificity (own > new)" not in d:
         return "not run"
@@ -210,7 +261,7 @@ def hall_levers_table(results: Path = RESULTS) -> str:
     return bench_routing.hall_table(r) if r else "(not run: bench/bench_routing.py --task hall)"
 
 
-TABLES = {"cross-table": cross_table, "hall-table": hall_table, "hall-levers-table": hall_levers_table, "scen-long-table": scen_long_table, "scen-scale-table": scen_scale_table,
+TABLES = {"cross-table": cross_table, "which-table": which_table, "hall-table": hall_table, "hall-levers-table": hall_levers_table, "scen-long-table": scen_long_table, "scen-scale-table": scen_scale_table,
           "long-table": long_table,
           "relation-kl-table": relation_kl_table}
 
