@@ -49,4 +49,16 @@ for d in cpu "$DEV"; do
         --out "$OUTDIR/scen_$d" > "$OUTDIR/scen_$d.log" 2>&1
     tail -n 8 "$OUTDIR/scen_$d.log"
 done
-echo "results: $OUTDIR/*/results.json"
+echo "== 4. $DEV (bfloat16) beside cpu (float32), same records and settings"
+$PY - "$OUTDIR" "$DEV" <<'PY' | tee "$OUTDIR/compare.md"
+import sys; from pathlib import Path
+sys.path.insert(0, "bench"); import run
+out, dev = Path(sys.argv[1]), sys.argv[2]
+print("| run | metric | cpu float32 | " + dev + " bfloat16 |\n|---|---|---|---|")
+for m in ("nse", "memit", "alphaedit", "scen"):
+    cpu, gpu = (run.harness_figures(run.load(out / f"{m}_{d}" / "results.json"))[1] for d in ("cpu", dev))
+    for k in sorted(set(cpu) | set(gpu)):
+        if not any(w in k for w in ("s/edit", "seconds")):
+            print(f"| {m} | {k} | {run.fmt(cpu.get(k)) or 'not run'} | {run.fmt(gpu.get(k)) or 'not run'} |")
+PY
+echo "results: $OUTDIR/*/results.json, $OUTDIR/compare.md"
