@@ -361,6 +361,9 @@ def restrict(C: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
     """C[S, S] (no copy when S is every neuron)."""
     return C if len(S) == C.shape[0] else C[S][:, S]
 
+# --method alphaedit solves with alphaedit.solve_projected_update instead: every neuron, the update
+# projected onto the null space of C0 (alphaedit.py).
+
 
 @dataclass
 class EditState:
