@@ -384,8 +384,7 @@ class Editor(ev.Editor):
         self.unrelated = list(data.model_questions(model, tokenizer, self.template, N_UNRELATED, seed=s.seed)
                               if unrelated is None else unrelated)
         ids = [q if isinstance(q, list) else data.encode_prompt(tokenizer, self.template, q) for q in self.unrelated]
-        self.U_unrel = torch.stack([layer_inputs(model, s.layer, q, self.base, kind=s.pool)[1] for q in ids]) if ids \
-            else torch.zeros(0, self.base.in_features, device=model.device)
+        self.U_unrel = self.prompt_features(ids)
         self.restore()
 
     @classmethod
@@ -403,6 +402,11 @@ class Editor(ev.Editor):
         self.U, self.U_own, self.log, self.saved_n = [], [], [], {}
         self.router = RoutedDown(self.base, self.s, self.mu) if self.s.method == "scen" else None
         self.ft = Expert(self.base.weight.detach().float().clone()) if self.s.method == "ft" else None
+
+    def prompt_features(self, prompts: list[list[int]]) -> torch.Tensor:
+        """u of each prompt (ids), pooled as the router pools it, with the original W_down: (n, h)."""
+        u = [layer_inputs(self.model, self.s.layer, q, self.base, kind=self.s.pool)[1] for q in prompts]
+        return torch.stack(u) if u else torch.zeros(0, self.base.in_features, device=self.model.device)
 
     def install(self):
         self.model.layers[self.s.layer].mlp.down_proj = self.router or self.ft
@@ -459,7 +463,7 @@ class Editor(ev.Editor):
                 train_expert(self.model, s.layer, h_l, ids, target_start, self.base.weight, s,
                              lowrank=s.expert == "lowrank", generator=gen)
             self.router.experts.append(w)
-            self.U_own += [layer_inputs(self.model, s.layer, q, self.base, kind=s.pool)[1] for q in negatives]
+            self.U_own += list(self.prompt_features(list(negatives)))
             rec["own_negatives"] = len(negatives)
             rec.update(self.add_neuron(u, t))
         self.U.append(u)

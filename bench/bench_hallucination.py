@@ -92,8 +92,7 @@ def load_task(shared, n: int, n_acc=None, n_owt=None, owt_prompt_chars: int = 15
 
 def routed_share(ed: scen.Editor, tok, tpl, prompts) -> float:
     """Percent of prompts whose routing picks an expert (max activation above theta)."""
-    U = torch.stack([scen.layer_inputs(ed.model, ed.s.layer, data.encode_prompt(tok, tpl, p), ed.base,
-                                       kind=ed.s.pool)[1] for p in prompts])
+    U = ed.prompt_features([data.encode_prompt(tok, tpl, p) for p in prompts])
     return 100.0 * (ed.router.pick(U) >= 0).float().mean().item()
 
 

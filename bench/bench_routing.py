@@ -91,8 +91,7 @@ def run_variant(model, tok, tpl, recs, enc, targets, sets, unrel_ids, s: scen.Se
         if not qs:                 # e.g. no --loc: nothing to route
             continue
         if (key, name) not in feat_cache:
-            feat_cache[(key, name)] = torch.stack([scen.layer_inputs(
-                model, ed.s.layer, data.encode_prompt(tok, tpl, p), ed.base, kind=ed.s.pool)[1] for p, _ in qs])
+            feat_cache[(key, name)] = ed.prompt_features([data.encode_prompt(tok, tpl, p) for p, _ in qs])
         got = ed.router.pick(feat_cache[(key, name)])
         want = torch.tensor([e for _, e in qs])
         row[f"{name}_right_%"] = round(100.0 * (got == want).float().mean().item(), 2)

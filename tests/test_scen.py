@@ -165,7 +165,7 @@ def test_own_negatives_keep_every_neuron_off_them_and_survive_save_load(tmp_path
     reaches the edit's expert."""
     ids, ts = EDITS[0]
     cut = ids[:3]
-    feats = lambda ed, qs: torch.stack([scen.layer_inputs(ed.model, 1, q, ed.base, kind=ed.s.pool)[1] for q in qs])
+    feats = lambda ed, qs: ed.prompt_features(qs)
     plain = make_editor()
     plain.edit_ids(ids, ts)
     assert plain.router.pick(feats(plain, [ids[:ts], cut])).tolist() == [0, 0]     # the cut prompt bleeds
