@@ -96,6 +96,22 @@ def routed_share(ed: scen.Editor, tok, tpl, prompts) -> float:
     return 100.0 * (ed.router.pick(U) >= 0).float().mean().item()
 
 
+def table(res: dict) -> str:
+    """Perplexity after the edits, x unedited, one row per model (README: hall-table)."""
+    sets, size = ("WikiBio-E", "WikiBio-A", "OWT"), res.get("sizes", {})
+    lines = ["| 200 edits | " + " | ".join(f"{k} ({size.get(k, '?')})" for k in sets) + " |", "|---|---|---|---|"]
+    base = res.get("unedited")
+    if base is None:
+        return "\n".join(lines + ["| not run | | | |"])
+    label = {"unedited": "unedited", "scen": "SCEN, defaults", "ft": "FT"}
+    for name, row in res.items():
+        if isinstance(row, dict) and "eval_s" in row:                 # a model's row (not "sizes")
+            over = ", ".join(f"{k} {v}" for k, v in row.get("settings", {}).items())
+            cells = [f"{row[k]:.2f}" + ("" if name == "unedited" else f" ({row[k] / base[k]:.3f}x)") for k in sets]
+            lines.append(f"| {label.get(name, name)}{f' ({over})' if over else ''} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + ["| paper, Llama-2-7B: SCEN / FT | 2.93 / 1.25 | 2.28 / 2.58 | 4.82 / 5.31 |"])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ckpt", default="/work/models/smollm2", help="SmolLM2-135M-Instruct folder (HF layout)")
@@ -161,13 +177,7 @@ def main(argv=None):
         print(name, r, flush=True)
         ed.restore()                                              # back to the unedited model
         save()
-    if "unedited" in res:
-        base = res["unedited"]
-        print("\n| model | WikiBio-E | WikiBio-A | OWT |\n|---|---|---|---|")
-        for m in [k for k, v in res.items() if isinstance(v, dict) and "eval_s" in v]:
-            if m in res:
-                print(f"| {m} | " + " | ".join(f"{res[m][k]:.2f} ({res[m][k] / base[k]:.2f}x)" for k in sets) + " |")
-
+    print("\n" + table(res))
 
 if __name__ == "__main__":
     main()

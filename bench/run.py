@@ -240,19 +240,8 @@ def relation_kl_table(results: Path = RESULTS) -> str:
 
 def hall_table(results: Path = RESULTS) -> str:
     """SCEN's hallucination task (bench_hallucination.py): perplexity after 200 edits, x unedited."""
-    r = load(results / "scen_hallucination.json") or {}
-    sets, size = ("WikiBio-E", "WikiBio-A", "OWT"), r.get("sizes", {})
-    lines = ["| 200 edits | " + " | ".join(f"{k} ({size.get(k, '?')})" for k in sets) + " |", "|---|---|---|---|"]
-    base = r.get("unedited")
-    if base is None:
-        return "\n".join(lines + ["| not run | | | |"])
-    label = {"unedited": "unedited", "scen": "SCEN, defaults", "ft": "FT"}
-    for name, row in r.items():
-        if isinstance(row, dict) and "eval_s" in row:                 # a model's row (not "sizes")
-            over = ", ".join(f"{k} {v}" for k, v in row.get("settings", {}).items())
-            cells = [f"{row[k]:.2f}" + ("" if name == "unedited" else f" ({row[k] / base[k]:.3f}x)") for k in sets]
-            lines.append(f"| {label.get(name, name)}{f' ({over})' if over else ''} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + ["| paper, Llama-2-7B: SCEN / FT | 2.93 / 1.25 | 2.28 / 2.58 | 4.82 / 5.31 |"])
+    import bench_hallucination
+    return bench_hallucination.table(load(results / "scen_hallucination.json") or {})
 
 
 def hall_levers_table(results: Path = RESULTS) -> str:
