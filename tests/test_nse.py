@@ -13,6 +13,7 @@ from conftest import ROOT, edit_files, tiny_model
 import alphaedit
 import data
 import llama
+import memit
 import nse
 import stats
 
@@ -76,7 +77,7 @@ def test_restricted_update_is_the_exact_least_squares_solution():
     # a float32 A @ A.T need not be exactly symmetric (it depends on the CPU's gemm kernel), and the
     # Cholesky solve reads one triangle: make both exactly symmetric, as nse.py's C0 and Cp are
     C0, Cp = (C0 + C0.T) / 2, (Cp + Cp.T) / 2
-    dW = nse.solve_update(R, K, C0, Cp, lam)
+    dW = memit.solve_update(R, K, C0, Cp, lam)
     # min ||X K - R||^2 + ||X L||^2 with L L^T = lam C0 + Cp: least squares on stacked columns
     L = torch.linalg.cholesky(lam * C0.double() + Cp.double())
     lhs = torch.cat([K.double(), L], 1).T                         # (n + Fs, Fs)
@@ -111,10 +112,10 @@ def test_z_split_forward_matches_the_plain_forward_and_reaches_its_target():
     model = sharp_model(num_hidden_layers=3).requires_grad_(False)
     recs = [rec("Home of Bob", "Bob", "Q"), rec("Dog Rex", "Dog Rex", "Z")]
     hp = hp_for(model, layers=[0, 1], kl_factor=0.0, v_steps=40)
-    z, h, log = nse.compute_z(model, TOK, recs, TEMPLATES, hp)
+    z, h, log = memit.compute_z(model, TOK, recs, TEMPLATES, hp)
     # h is the plain forward's block-1 output at the subject's last token of the bare prompt
     for i, r in enumerate(recs):
-        ids, s = nse.subject_row(TOK, r.prompt, r.subject)
+        ids, s = memit.subject_row(TOK, r.prompt, r.subject)
         tr = model.forward_trace(torch.tensor([ids]))
         assert torch.allclose(tr.hidden[2][0, s], h[i], atol=1e-5)
         # with z in place of h (a hook on block 1), the plain forward gives the target a small NLL
@@ -207,7 +208,7 @@ def test_alphaedit_update_keeps_preserved_outputs_and_moves_the_edited_keys():
     assert (dW @ basis).norm() < 1e-6 * dW.norm()
     assert (dW @ K1 - R).norm() < 1e-3 * R.norm()                      # the edited keys reach their targets
     # MEMIT's update for the same request does move the preserved outputs
-    dW_memit = nse.solve_update(R, K1, C0.clone(), None, 1e-6)
+    dW_memit = memit.solve_update(R, K1, C0.clone(), None, 1e-6)
     assert (dW_memit @ K0).norm() > 10 * (dW @ K0).norm()
     # a larger ridge realises less of the residual; with Cp the earlier keys are held too
     far = alphaedit.solve_projected_update(R, K1, P, None, l2=10.0)
@@ -363,7 +364,7 @@ def test_z_with_bf16_weights_keeps_no_widened_weight_and_matches_fp32(monkeypatc
     narrow.compute_dtype = torch.float32
     recs = [rec("Home of Bob", "Bob", "Q"), rec("Dog Rex", "Dog Rex", "Z")]
     hp = hp_for(model, layers=[0], v_steps=5, kl_factor=0.0625)
-    run = lambda m: nse.compute_z(m.requires_grad_(False), TOK, recs, TEMPLATES, hp)
+    run = lambda m: memit.compute_z(m.requires_grad_(False), TOK, recs, TEMPLATES, hp)
     kept, (z_narrow, _, log_n) = _widened_weights_saved_for_backward(narrow, lambda: run(narrow))
     assert kept == 0
     z_wide, _, log_w = run(wide)
@@ -401,8 +402,8 @@ def test_z_cache_returns_the_computed_z_and_recomputes_when_a_key_part_changes(t
     model = sharp_model(num_hidden_layers=2)
     recs = [rec("The boss of Kim", "Kim", " Q", " A"), rec("Home of Ann Pi", "Ann Pi", " Z", " B")]
     hp = hp_for(model, layers=[0], v_steps=5)
-    real, calls = nse.compute_z, []
-    monkeypatch.setattr(nse, "compute_z", lambda m, t, rs, *a, **k: calls.append(len(rs)) or real(m, t, rs, *a, **k))
+    real, calls = memit.compute_z, []
+    monkeypatch.setattr(memit, "compute_z", lambda m, t, rs, *a, **k: calls.append(len(rs)) or real(m, t, rs, *a, **k))
     cache = stats.ZCache(tmp_path, model)
     Z, log = nse.cached_z(cache, model, TOK, recs, TEMPLATES, hp)
     assert calls == [2] and log["cache_hits"] == 0 and len(list((tmp_path / "z").glob("*.safetensors"))) == 2
@@ -422,7 +423,7 @@ def test_z_cache_returns_the_computed_z_and_recomputes_when_a_key_part_changes(t
 
 def _kl_after(model, delta, r, prompt):
     """KL(unedited || with delta = z - h added at the subject) of the next token after `prompt`."""
-    s = nse.subject_row(TOK, prompt, r.subject)[1]
+    s = memit.subject_row(TOK, prompt, r.subject)[1]
     ids = TOK.encode(prompt)
     base = model(torch.tensor([ids])).log_softmax(-1)[0, -1]
     hook = model.layers[1].register_forward_hook(
@@ -436,14 +437,14 @@ def test_relation_kl_rows_keep_the_subjects_other_next_tokens(monkeypatch):
     """kl_relations > 0: z also keeps the next-token distribution of a prompt asking another
     relation of the subject, and still reaches the target."""
     model = sharp_model(num_hidden_layers=3).requires_grad_(False)
-    monkeypatch.setattr(nse, "KL_RELATIONS", ["Ab Bobc", "Of Bobx"])
+    monkeypatch.setattr(memit, "KL_RELATIONS", ["Ab Bobc", "Of Bobx"])
     r = rec("Home of Bob", "Bob", "Q")
-    rows = nse.z_rows(TOK, [r], TEMPLATES, 2)
+    rows = memit.z_rows(TOK, [r], TEMPLATES, 2)
     assert [x[5] for x in rows] == [None, None, rows[2][1], len(TOK.encode("Ab Bobc")) - 1,
                                     len(TOK.encode("Of Bobx")) - 1]
     paper = hp_for(model, layers=[0, 1], kl_factor=5.0, v_steps=60, loss_stop=0.0)
-    z0, h, _ = nse.compute_z(model, TOK, [r], TEMPLATES, paper)
-    z1, _, _ = nse.compute_z(model, TOK, [r], TEMPLATES, replace_hp(paper, kl_relations=1))
+    z0, h, _ = memit.compute_z(model, TOK, [r], TEMPLATES, paper)
+    z1, _, _ = memit.compute_z(model, TOK, [r], TEMPLATES, replace_hp(paper, kl_relations=1))
     kl0, kl1 = (_kl_after(model, z - h[0], r, "Ab Bobc") for z in (z0[0], z1[0]))
     assert kl1 < 0.6 * kl0 and kl0 > 0.05                   # measured: 0.037 vs 0.071
     enc = data.encode_prompt_target(TOK, data.Template("raw"), r.prompt, r.target_new)
@@ -453,7 +454,7 @@ def test_relation_kl_rows_keep_the_subjects_other_next_tokens(monkeypatch):
 
 
 def _target_nll(model, r, enc, z):
-    s = nse.subject_row(TOK, r.prompt, r.subject)[1]
+    s = memit.subject_row(TOK, r.prompt, r.subject)[1]
     hook = model.layers[1].register_forward_hook(lambda m, a, o: torch.cat([o[:, :s], z.view(1, 1, -1), o[:, s + 1:]], 1))
     logp = model(torch.tensor([enc.ids])).log_softmax(-1)[0]
     hook.remove()
@@ -478,7 +479,7 @@ def test_relation_kl_prompts_are_not_counterfact_prompts():
                 if r["subject"] in p:
                     seen.add(p[p.index(r["subject"]):].replace(r["subject"], "{}", 1))
                     seen.add(p.replace(r["subject"], "{}", 1))
-    assert not seen & set(nse.KL_RELATIONS)
+    assert not seen & set(memit.KL_RELATIONS)
 
 
 def test_chat_template_requests_are_edited_as_asked_with_the_end_token():
@@ -490,13 +491,13 @@ def test_chat_template_requests_are_edited_as_asked_with_the_end_token():
     ed.template, ed.tokenizer = data.Template("llama2"), TOK
     [a] = ed.as_asked([r])
     assert a.prompt == r.prompt and a.meta["asked"] == ["llama2", None] and not r.meta
-    rows = [x for x in nse.z_rows(TOK, [a], TEMPLATES) if x[5] is None]
+    rows = [x for x in memit.z_rows(TOK, [a], TEMPLATES) if x[5] is None]
     assert [x[0][:x[2]] for x in rows] == [TOK.encode("[INST]Home of Bob[/INST]"), TOK.encode("[INST]Ab. Home of Bob[/INST]")]
     assert all(x[0][x[2]:x[3]] == [TOK.ids["Q"], TOK.eos_id] for x in rows)     # no space: llama2's split
-    keys = nse.key_rows(TOK, [a], TEMPLATES)
+    keys = memit.key_rows(TOK, [a], TEMPLATES)
     assert [ids for ids, _ in keys] == [TOK.encode("[INST]Home of Bob"), TOK.encode("[INST]Ab. Home of Bob")]
     assert [s for _, s in keys] == [x[1] for x in rows]
     ed.template = data.Template("raw")
     assert ed.as_asked([r]) == [r]
-    rows = [x for x in nse.z_rows(TOK, [r], TEMPLATES) if x[5] is None]
+    rows = [x for x in memit.z_rows(TOK, [r], TEMPLATES) if x[5] is None]
     assert all(x[0][x[2]:x[3]] == [TOK.ids[" Q"]] for x in rows)
