@@ -16,6 +16,7 @@ SCEN work is a setting (`Settings`), `--paper` restores the paper, `--loss code`
 code's loss. Efficiency: layers < l and layer l's gate/up never change, so u of every edited
 prompt is computed once and cached (a neuron trains on a tiny linear problem), and the expert
 trains on the cached input of layer l, running layers l..L only: time per edit stays flat.
+The experts themselves (a full copy, or the compact rank-r W0 + B A) are experts.py.
 
   python scen.py                                   # the demo world, end to end, with its table
   python scen.py --ckpt DIR --edits FILE [--loc FILE] [--n 200] [--out OUT] [--resume]
@@ -23,14 +24,12 @@ trains on the cached input of layer l, running layers l..L only: time per edit s
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -39,6 +38,7 @@ from safetensors.torch import load_file
 
 import data
 import eval as ev
+import experts
 import llama
 import train_sft
 from eval import setting
@@ -212,61 +212,8 @@ class RoutedDown(nn.Module):
         for c in self.choice.unique().tolist():
             if c >= 0:
                 rows = (self.choice == c).nonzero()[:, 0]
-                e = self.experts[c]
-                if isinstance(e, LowRank):                      # x W^T + (x A^T) B^T: no (D, F) matrix built
-                    out[rows] = out[rows] + F.linear(F.linear(u[rows], e.A.to(u.dtype)), e.B.to(u.dtype))
-                else:
-                    out[rows] = F.linear(u[rows], e.to(u.dtype))
+                out[rows] = experts.output(self.experts[c], u[rows], out[rows])
         return out
-
-
-class Expert(nn.Module):
-    """A trainable copy of W_down (used while training stage 1 and for FT)."""
-
-    def __init__(self, weight):
-        super().__init__()
-        self.weight = nn.Parameter(weight)
-
-    def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype))
-
-    def result(self):
-        return self.weight.detach()
-
-
-class LowRank(NamedTuple):
-    """A compact expert: the edit's W_down is W0 + B A, B (D, r), A (r, F); only A and B are stored."""
-    A: torch.Tensor
-    B: torch.Tensor
-
-
-class LowRankExpert(nn.Module):
-    """A trainable W0 + B A around the original W_down (left untouched): B starts at zero, so
-    training starts from the original layer exactly; A starts small and random (seeded)."""
-
-    def __init__(self, weight0, rank: int, generator=None):
-        super().__init__()
-        D, F_ = weight0.shape
-        self.weight0 = weight0
-        self.A = nn.Parameter(torch.randn(rank, F_, generator=generator).to(weight0.device) / math.sqrt(F_))
-        self.B = nn.Parameter(torch.zeros(D, rank, device=weight0.device))
-
-    def forward(self, x):
-        return F.linear(x, self.weight0.to(x.dtype)) + F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype))
-
-    def result(self):
-        return LowRank(self.A.detach(), self.B.detach())
-
-
-@contextlib.contextmanager
-def swapped(model, layer: int, module: nn.Module):
-    """Temporarily put `module` in place of layer `layer`'s down projection."""
-    mlp = model.layers[layer].mlp
-    old, mlp.down_proj = mlp.down_proj, module
-    try:
-        yield
-    finally:
-        mlp.down_proj = old
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,7 +226,7 @@ def layer_inputs(model, layer: int, ids: list[int], base: nn.Module, pos: int = 
     tr = llama.Trace()
     x = torch.tensor([ids], device=model.device)
     h0 = model.embed(x)
-    with swapped(model, layer, base):
+    with experts.swapped(model, layer, base):
         model.run_layers(h0, 0, layer + 1, trace=tr)
     h_l = tr.hidden[layer - 1] if layer > 0 else h0
     u = tr.ffn_in[layer]
@@ -292,13 +239,13 @@ def train_expert(model, layer: int, h_l, ids: list[int], target_start: int, weig
     ids[target_start:] follow the prompt: mean cross-entropy on the target tokens (end token
     included), Adam, running layers l..L only on the cached block input h_l.
     Returns (weight or LowRank(A, B), steps, final loss)."""
-    expert = LowRankExpert(weight0.detach(), s.expert_rank, generator) if lowrank else \
-        Expert(weight0.detach().to(h_l.dtype).clone())
+    expert = experts.LowRankExpert(weight0.detach(), s.expert_rank, generator) if lowrank else \
+        experts.Expert(weight0.detach().to(h_l.dtype).clone())
     opt = torch.optim.Adam(expert.parameters(), lr=s.expert_lr)
     pos = torch.arange(target_start - 1, len(ids) - 1, device=h_l.device)
     tgt = torch.tensor(ids[target_start:], device=h_l.device)
     L, steps, loss = model.config.num_hidden_layers, 0, None
-    with swapped(model, layer, expert):
+    with experts.swapped(model, layer, expert):
         while True:
             logits = model.head(model.run_layers(h_l, layer, L)[0, pos]).float()       # (n, V)
             loss = F.cross_entropy(logits, tgt)
@@ -342,11 +289,6 @@ def train_neuron(f_t, f_neg, s: Settings, w0=None, b0=None, generator=None):
         opt.step()
         steps += 1
     return w.detach(), b.detach(), steps
-
-
-def load_expert(path, device):
-    t = load_file(str(path), device=device)
-    return LowRank(t["A"], t["B"]) if "A" in t else t["weight"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,7 +343,7 @@ class Editor(ev.Editor):
         self.mu = self.U_unrel.mean(0) if len(self.U_unrel) else None
         self.U, self.U_own, self.log, self.saved_n = [], [], [], {}
         self.router = RoutedDown(self.base, self.s, self.mu) if self.s.method == "scen" else None
-        self.ft = Expert(self.base.weight.detach().float().clone()) if self.s.method == "ft" else None
+        self.ft = experts.Expert(self.base.weight.detach().float().clone()) if self.s.method == "ft" else None
 
     def prompt_features(self, prompts: list[list[int]]) -> torch.Tensor:
         """u of each prompt (ids), pooled as the router pools it, with the original W_down: (n, h)."""
@@ -534,9 +476,8 @@ class Editor(ev.Editor):
         scen = self.router is not None
         tensors.update({"W": self.router.W, "b": self.router.b} if scen else {"weight": self.ft.weight})
         for k in range(self.saved_n.get(str(out), 0), t if scen else 0):
-            e = self.router.experts[k]
             llama.write_safetensors(out / "experts" / f"expert_{k + 1:05d}.safetensors",
-                                    e._asdict() if isinstance(e, LowRank) else {"weight": e})
+                                    experts.tensors(self.router.experts[k]))
         state = f"state_{t:05d}.safetensors"
         llama.write_safetensors(out / state, tensors)
         llama.write_json(out / "scen.json", {"settings": asdict(self.s), "template": [self.template.kind,
@@ -552,8 +493,7 @@ class Editor(ev.Editor):
 
     def expert_bytes(self) -> int:
         """Bytes of the experts held (what one more edit adds, times the edits)."""
-        return sum(sum(x.numel() * x.element_size() for x in (e if isinstance(e, LowRank) else [e]))
-                   for e in (self.router.experts if self.router else []))
+        return sum(experts.nbytes(e) for e in (self.router.experts if self.router else []))
 
     @classmethod
     def load(cls, out, model, tokenizer=None):
@@ -572,8 +512,8 @@ class Editor(ev.Editor):
         ed.U_own = list(x["U_own"]) if "U_own" in x else []        # folders saved before own_neg existed
         if s.method == "scen":
             ed.router.W, ed.router.b = x["W"], x["b"]
-            ed.router.experts = [load_expert(out / "experts" / f"expert_{k:05d}.safetensors", dev)
-                                 for k in range(1, t + 1)]
+            ed.router.experts = [experts.from_tensors(load_file(str(out / "experts" / f"expert_{k:05d}.safetensors"),
+                                                                device=dev)) for k in range(1, t + 1)]
         else:
             ed.ft.weight.data.copy_(x["weight"])
         ed.install()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import eval as ev
+import experts
 import llama
 import scen
 from conftest import tiny_checkpoint, tiny_model
@@ -62,7 +63,7 @@ def test_neuron_separates_on_cached_features():
 
 
 def same_expert(x, y):
-    return all(torch.equal(a, b) for a, b in zip(x, y)) if isinstance(x, scen.LowRank) else torch.equal(x, y)
+    return all(torch.equal(a, b) for a, b in zip(x, y)) if isinstance(x, experts.LowRank) else torch.equal(x, y)
 
 
 @pytest.mark.parametrize("expert", ["full", "lowrank"])
@@ -187,7 +188,7 @@ def test_compact_expert_is_small_and_routed_inference_equals_the_dense_expert():
     ed.edit_ids(ids, ts)
     e, W0 = ed.router.experts[0], ed.base.weight
     D, F_ = W0.shape
-    assert isinstance(e, scen.LowRank) and e.A.shape == (2, F_) and e.B.shape == (D, 2)
+    assert isinstance(e, experts.LowRank) and e.A.shape == (2, F_) and e.B.shape == (D, 2)
     assert ed.expert_bytes() == 2 * (D + F_) * 4                        # (D + F) r floats, not D F
     assert (e.B @ e.A).abs().max() > 0                                    # it changed something
     u = torch.randn(3, 5, F_)
