@@ -395,6 +395,7 @@ class Editor(ev.Editor):
         s, t0, c0, t = self.s, time.perf_counter(), time.process_time(), len(self.log)
         h_l, u = layer_inputs(self.model, s.layer, ids, self.base, target_start - 1, s.pool)
         rec = dict(info or {}, ids=ids, target_start=target_start)
+        self.U.append(u)                    # U[t]: edit t's feature, a negative of every other neuron
         if s.method == "ft":                                  # baseline: the shared W_down, in place
             w, rec["expert_steps"], rec["expert_loss"] = train_expert(
                 self.model, s.layer, h_l, ids, target_start, self.ft.weight, s)
@@ -408,7 +409,6 @@ class Editor(ev.Editor):
             self.U_own += list(self.prompt_features(list(negatives)))
             rec["own_negatives"] = len(negatives)
             rec.update(self.add_neuron(u, t))
-        self.U.append(u)
         rec["seconds"] = time.perf_counter() - t0
         rec["cpu_seconds"] = time.process_time() - c0           # robust to other jobs on the machine
         rec["note"] = f"expert {rec['expert_steps']} steps" + (
@@ -423,21 +423,17 @@ class Editor(ev.Editor):
         return self.feats(torch.stack(neg)) if neg else torch.zeros(0, self.mu.numel(), device=self.mu.device)
 
     def add_neuron(self, u, t: int) -> dict:
-        """Stage 2 for edit t, then (retrain) re-separate old neurons that fire on u."""
+        """Stage 2 for edit t (u is U[t] already), then (retrain) re-separate old neurons that fire on u."""
         s, r = self.s, self.router
         gen = torch.Generator().manual_seed(s.seed * 1_000_003 + t)
         f_t = self.feats(u)
-        self.U.append(u)                 # so that negatives(t) of later retrains include it
         w, b, steps = train_neuron(f_t, self.negatives(exclude=t), s, generator=gen)
-        self.U.pop()
         r.W, r.b = torch.cat([r.W, w[None]]), torch.cat([r.b, b[None]])
         retrained = []
         if s.retrain and t > 0:
             a_old = neuron_activations(f_t[None], r.W[:t], r.b[:t])[0]
             for j in (a_old > s.theta - s.neg_margin).nonzero()[:, 0].tolist():
-                self.U.append(u)
                 wj, bj, _ = train_neuron(self.feats(self.U[j]), self.negatives(exclude=j), s, r.W[j], r.b[j])
-                self.U.pop()
                 r.W[j], r.b[j] = wj, bj
                 retrained.append(j)
         z = neuron_logits(f_t[None], r.W, r.b)
