@@ -140,8 +140,11 @@ def which_table(results: Path = RESULTS) -> str:
         if r and r["evals"] and r["evals"][-1]["n_done"] == 1000:
             e, ppl = r["evals"][-1], r["evals"][-1]["WikiText-2 PPL"] / r["unedited"]["WikiText-2 PPL"]
             long.append(triple(e, ("Efficacy", "Generalization", "Specificity"), f", {ppl:.2f}x"))
+        elif i == 0:                      # SCEN: 1000 edits one by one through scen.py (no PPL measured)
+            c1000 = harness_figures(load(results / "scen_counterfact_n1000.json"))[1]
+            long.append(triple(c1000, ("Efficacy", "Generalization", "Specificity"), " (batch 1; PPL not measured)"))
         else:
-            long.append(("not run" if label.startswith("SCEN") else "", None))
+            long.append(("", None))
         if "Relation specificity (own > new)" not in c and m == "nse":
             c = (load(results / "relation_nse_smollm2_n200.json") or {}).get("edited", {})
         x = c.get("Relation specificity (unchanged, tf)")
@@ -370,6 +373,12 @@ def full(args):
         print(f"{js.relative_to(ROOT)}: python {' '.join(argv)}", flush=True)
         run_cli(argv, run_dir, runs / "cross" / f"{run_dir.name}.log")
         shutil.copyfile(run_dir / "results.json", js)
+    js = RESULTS / "scen_counterfact_n1000.json"                   # SCEN over 1000 CounterFact edits, batch 1
+    if only is None and (args.force or not js.exists()):
+        argv = shlex.split(f"scen.py {CF_CMD.replace('--n 200', '--n 1000')} --no-baseline {CF_UNREL}".format(
+            smol=smol, shared=SHARED))
+        run_cli(argv, runs / js.stem, runs / f"{js.stem}.log")
+        shutil.copyfile(runs / js.stem / "results.json", js)
     for m in ("nse", "memit", "alphaedit") if only is None else ():   # bench_long resumes; a finished run has a row at n
         rows = (load(RESULTS / f"long_{m}_n1000.json") or {}).get("rows") or [{"n_done": 0}]
         if rows[-1]["n_done"] < 1000:
