@@ -111,7 +111,7 @@ def compute_z(model, tok, records, templates, hp):
 
 def compute_z_together(model, tok, records, templates, hp):
     """z_i = h_i + delta_i, delta_i = argmin  mean_c NLL(target | c + prompt; h_l0[s] += delta)
-                                             + kl_factor KL(p_0 || p_delta)("{subject}" next token)
+                                             + kl_factor KL(p_0 || p_delta)("{subject}" next token)  [kl_direction]
                                              + kl_factor mean_k KL(p_0 || p_delta)(relation prompt k)
                                              + v_weight_decay ||delta|| / ||h||^2,
     s.t. ||delta|| <= clamp ||h||  (step 1; ROME/MEMIT's z objective). Adam, early stop per request.
@@ -178,7 +178,11 @@ def compute_z_together(model, tok, records, templates, hp):
         kl_logp = model.head(out[new_id[kl_rows[kk]], kl_col[kk]]).float().log_softmax(-1)
         if kl_init is None:                                      # step 0: delta = 0, every row active
             kl_init = kl_logp.detach()
-        kl_row = F.kl_div(kl_logp, kl_init[kk], log_target=True, reduction="none").sum(1) * kl_w[kk].to(dev)
+        if hp.kl_direction == "p0_p":                            # KL(p0 || p_delta)
+            kl_row = F.kl_div(kl_logp, kl_init[kk], log_target=True, reduction="none").sum(1)
+        else:                                                    # KL(p_delta || p0), the official code's
+            kl_row = F.kl_div(kl_init[kk], kl_logp, log_target=True, reduction="none").sum(1)
+        kl_row = kl_row * kl_w[kk].to(dev)
         kl = torch.zeros(n, device=dev).index_add(0, req[kl_rows[kk]].to(dev), kl_row)
         wd = hp.v_weight_decay * delta.norm(dim=1) / h_init.norm(dim=1) ** 2
         loss = nll + hp.kl_factor * kl + wd                      # (n,), meaningful where active

@@ -51,9 +51,11 @@ class EditError(ev.RunError):
 
 @dataclass
 class Settings:
-    method: str = setting("nse", "nse; memit (every neuron, z on the current weights, one pass); or alphaedit "
-                                 "(memit with the update projected onto the null space of C0)",
-                          choices=("nse", "memit", "alphaedit"))
+    method: str = setting("nse", "nse; memit (MEMIT as published: every neuron, z on the current weights, one "
+                                 "pass, no earlier keys); memit-seq (memit plus the earlier batches' keys Cp in the "
+                                 "solve: the AlphaEdit repository's memit_seq); or alphaedit (memit-seq with the "
+                                 "update projected onto the null space of C0)",
+                          choices=("nse", "memit", "memit-seq", "alphaedit"))
     layers: list[int] | None = setting(None, "edited layers, ascending, e.g. 4,5,6,7,8; z lives at the output "
                                              "of the last (default: 5 layers at 1/8 of the depth)")
     batch_size: int = setting(100, "requests per sequential batch", min=1)
@@ -67,6 +69,9 @@ class Settings:
     clamp: float = setting(0.75, "||z - h|| <= clamp * ||h|| in the z optimisation", gt=0)
     v_weight_decay: float = setting(0.5, "weight of ||delta|| / ||h||^2 in the z objective", min=0)
     kl_factor: float = setting(0.0625, "weight of the KL term in the z objective", min=0)
+    kl_direction: str = setting("p0_p", "the KL term's direction: p0_p is KL(p0 || p_delta) (this project's "
+                                "default); p_p0 is KL(p_delta || p0), what the official ROME/MEMIT/NSE code computes "
+                                "(kl_div(init, new, log_target=True))", choices=("p0_p", "p_p0"))
     kl_relations: int = setting(0, "KL rows asking other relations of the subject (the first N of KL_RELATIONS, "
                                    "next-token distribution kept as the unedited model's); 0: only the "
                                    "paper's '{subject} is a'", min=0, max=8)
@@ -111,6 +116,8 @@ def cached_z(zcache: stats.ZCache, model, tok, records, templates, hp: Settings)
          **{f: getattr(hp, f) for f in ("v_lr", "v_steps", "clamp", "v_weight_decay", "kl_factor", "loss_stop")}}
     if hp.kl_relations:                                          # (absent at 0: earlier caches stay valid)
         k["kl_relations"] = memit.KL_RELATIONS[:hp.kl_relations]
+    if hp.kl_direction != "p0_p":                                # (absent at the default, likewise)
+        k["kl_direction"] = hp.kl_direction
     keys = [{**k, "prompt": r.prompt, "subject": r.subject, "target_new": r.target_new,
              **({"asked": r.meta["asked"]} if "asked" in r.meta else {})} for r in records]   # chat-asked
     def compute(miss):
@@ -188,7 +195,7 @@ def edit_batch(model, tok, records, templates, hp: Settings, state: EditState, C
             Rj = (Z[sel] - H).T / (len(layers) - j)              # (D, n): residual spread over layers left
             timer["keys"] = timer.get("keys", 0.0) + time.perf_counter() - t
             t = time.perf_counter()
-            Cp = state.Cp.get(l)
+            Cp = state.Cp.get(l) if hp.method != "memit" else None   # MEMIT as published: no earlier keys
             if hp.method == "alphaedit":
                 dW = alphaedit.solve_projected_update(Rj, K, P[l], Cp, hp.l2)
             else:
@@ -203,7 +210,7 @@ def edit_batch(model, tok, records, templates, hp: Settings, state: EditState, C
             timer["solve"] = timer.get("solve", 0.0) + time.perf_counter() - t
     t = time.perf_counter()
     K, H = memit.subject_states(model, tok, records, templates, layers, l0)  # step 4: Cp += K K^T
-    for l in layers:
+    for l in layers if hp.method != "memit" else ():
         KKt = K[l] @ K[l].T                                                  # (F, F)
         KKt = (KKt + KKt.T) / 2                                              # exactly symmetric
         state.Cp[l] = KKt.float() if state.Cp.get(l) is None else state.Cp[l].add_(KKt.to(state.Cp[l].dtype))

@@ -114,7 +114,7 @@ def run(args):
     model, tok = llama.load(args.ckpt, "cpu", torch.float32)
     passages = held_out_passages(Path(args.ppl_text), args.ppl_chars, tok)
     fluency_records = records[:args.fluency_n]
-    settings = nse.Settings(method=args.method, batch_size=args.batch_size)
+    settings = nse.Settings(method=args.method, batch_size=args.batch_size, kl_direction=args.kl_direction)
     res = json.loads(out.read_text()) if out.exists() else None
     if res is not None and (res["method"], res["n"], res["batch_size"]) != (args.method, args.n, args.batch_size):
         raise SystemExit(f"{out}: a run of {res['method']} n {res['n']} batch {res['batch_size']}; use another --out")
@@ -241,7 +241,8 @@ def plot(results_dir: Path, n: int):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", choices=("nse", "memit", "alphaedit"), help="the method to run")
+    p.add_argument("--method", choices=("nse", "memit", "memit-seq", "alphaedit"), help="the method to run")
+    p.add_argument("--kl-direction", default="p0_p", choices=("p0_p", "p_p0"), help="nse.Settings.kl_direction")
     p.add_argument("--plot", action="store_true", help="write the table and PNG from the JSONs and stop")
     p.add_argument("--ckpt", default="/work/models/smollm2", help="Hugging Face folder (SmolLM2-135M converted)")
     p.add_argument("--edits", default=str(SHARED / "data/counterfact/counterfact-edit.json"), help="CounterFact records")
