@@ -5,26 +5,38 @@ What is inside
 --------------
 - `EditRecord`: one edit request (prompt, target_new, optional target_true, subject,
   rephrase prompts, locality pairs, portability pairs, free-form meta).
-- `load_edits(path, format=None, ...)`: reads and validates, before any work starts, the formats
-  the editing literature uses:
-    * "zsre"          MEND/ROME ZsRE JSON: {src, answers, alt, rephrase, loc, loc_ans, subject, ...}.
-                      The new target is a CHOICE (`zsre_target`): "answers" = answers[0], the
-                      ZsRE evaluation (the question's true answer, which the model got wrong);
-                      "alt" = the counterfactual edit (target_new = alt, target_true = answers[0]).
-    * "easyedit"      EasyEdit/KnowEdit JSON: {prompt, target_new, ground_truth, rephrase_prompt,
-                      locality_prompt, locality_ground_truth} or nested {locality: {name:
-                      {prompt, ground_truth}}, portability: {...}}; also the WikiBio
-                      hallucination edits {prompt, target_new, subject, locality_*}.
+- `load_edits(path, format=None, ..., notes=None, lenient=False)`: reads and validates, before any
+  work starts, the files of the editing literature as they are published:
+    * "zsre"          MEND/ROME ZsRE JSON: {src, answers, alt, rephrase, loc, loc_ans, subject, ...},
+                      as a .json array or one record per line; WISE's ZsRE files (the same keys);
+                      MEND's own JSON lines {input, output: [{answer}], alternatives,
+                      filtered_rephrases, prediction}. The new target is a CHOICE (`zsre_target`):
+                      "answers" = answers[0], the ZsRE evaluation (the question's true answer,
+                      which the model got wrong); "alt" = the counterfactual edit (target_new =
+                      alt, target_true = answers[0] when the file has answers).
+    * "easyedit"      EasyEdit/KnowEdit JSON: {prompt, target_new, ground_truth, rephrase_prompt |
+                      rephrase, locality_prompt, locality_ground_truth} or nested {locality:
+                      {kind: [{prompt, ground_truth}, ...]}, portability: {...}} (KnowEdit ZsRE,
+                      CounterFact, recent; a ground truth is a string, a list of alternatives or
+                      a list of lists); the WikiBio hallucination edits {prompt, target_new,
+                      subject, locality_*} (WISE); WISE temporal ('{}' in the prompt, ood_rephrase).
     * "counterfact"   ROME CounterFact JSON: {case_id, requested_rewrite: {prompt "{}", subject,
                       target_new: {str}, target_true: {str}}, paraphrase_prompts,
                       neighborhood_prompts, generation_prompts}.
-    * "hallucination" SCEN/GRACE perplexity sets: {text, labels, concept} (WikiBio-A: prompt =
-                      text, target = labels) and {text} (OpenWebText: empty prompt, target = text).
+    * "hallucination" SCEN/GRACE perplexity sets: {text, labels, concept} (WikiBio-A, and KnowEdit
+                      WikiBio with a nested locality: prompt = text, target = labels) and {text}
+                      (OpenWebText: empty prompt, target = text).
     * "jsonl"         the project's own format: one JSON object per line whose keys are the
                       fields of EditRecord (see `save_jsonl`).
-  Every problem is a `DataError` "FILE:LINE: FIELD: what is wrong", raised before any record
-  is used (invalid JSON, missing field, wrong type, empty target, subject not in prompt when
-  the method needs it).
+  A problem with a REQUIRED field of a record that is read (the first n) is a `DataError`
+  "FILE:LINE: FIELD: what was expected, what was found" (also: not UTF-8, with the byte offset;
+  invalid or truncated JSON; not an array / not one object per line; empty file; a subject not
+  in the prompt, or only with other case, when the method needs it). An OPTIONAL item that
+  cannot be used (an empty locality/portability answer, prompts and answers that do not pair
+  up, an empty rephrase) is dropped and noted (`notes`, or one `DataWarning` per file);
+  `format_drops(notes)` is the one summary line. lenient=True skips records with unusable
+  required fields (noted too). Repairs: a UTF-8 BOM is accepted; text is NFC-normalised and C0
+  control characters but tab/newline/CR are removed. See load_edits for every rule.
 - `Template` ("raw", "llama2", "chatml") and `template_for(tokenizer, name)`.
 - `encode_prompt_target(...)`: token ids of prompt + target such that the target ids are the
   ones the model would generate after the prompt; `collate(...)`: padding, attention masks,
@@ -42,6 +54,8 @@ from __future__ import annotations
 import json
 import random
 import re
+import unicodedata
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -55,12 +69,20 @@ TEMPLATES = ("raw", "llama2", "chatml", "llama3")
 
 
 class DataError(ValueError):
-    """A bad input file or record; the message reads 'FILE:LINE: FIELD: problem'."""
+    """A bad input file or record; the message reads 'FILE:LINE: FIELD: problem'.
+
+    Attributes: line (the record's line, or None), field (or None), why (the problem alone)."""
+
+
+class DataWarning(UserWarning):
+    """load_edits dropped unusable optional items (see `format_drops`); only when notes=None."""
 
 
 def _err(path, line, fld, msg) -> DataError:
     where = f"{path}:{line}" if line is not None else f"{path}"
-    return DataError(f"{where}: {fld}: {msg}" if fld else f"{where}: {msg}")
+    e = DataError(f"{where}: {fld}: {msg}" if fld else f"{where}: {msg}")
+    e.line, e.field, e.why = line, fld, msg
+    return e
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,49 +124,107 @@ _FIELDS = ("prompt", "target_new", "target_true", "subject", "rephrases", "local
 # --------------------------------------------------------------------------------------------
 # Reading files
 # --------------------------------------------------------------------------------------------
-def _read_text(path: Path) -> str:
+_BOM = b"\xef\xbb\xbf"
+_WS = re.compile(r"[ \t\n\r]*")
+# C0 control characters but tab, newline and carriage return; DEL and the C1 range stay (in
+# published text they are mostly Windows-1252 punctuation read as Latin-1, e.g. U+0095 for a bullet)
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def _read_text(path: Path) -> tuple[str, DataError | None]:
+    """The file's text, a leading UTF-8 BOM removed. Bytes that are not UTF-8: the text before
+    them and the error to raise if a record that is needed lies past them (else (text, None))."""
     if not path.exists():
         raise _err(path, None, None, "file not found")
+    if path.is_dir():
+        raise _err(path, None, None, "is a folder, not a file")
     try:
-        return path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise _err(path, None, None, f"cannot read the file ({e.strerror})") from None
+    bom = len(_BOM) if raw.startswith(_BOM) else 0
+    try:
+        return raw[bom:].decode("utf-8"), None
     except UnicodeDecodeError as e:
-        raise _err(path, None, None, f"not UTF-8 text ({e})") from None
+        at = bom + e.start
+        hint = " (the file looks like UTF-16)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        bad = _err(path, raw.count(b"\n", 0, at) + 1, None,
+                   f"not UTF-8 text: byte 0x{raw[at]:02x} at byte offset {at} ({e.reason}){hint}; "
+                   "save the file as UTF-8")
+        return raw[bom:at].decode("utf-8"), bad
+
+
+def _jtype(v) -> str:
+    """A JSON value's kind, as the error messages name it."""
+    if isinstance(v, dict):
+        return "a JSON object"
+    if isinstance(v, list):
+        return "a JSON array"
+    if isinstance(v, str):
+        return "a JSON string"
+    if isinstance(v, bool):
+        return f"JSON {str(v).lower()}"
+    if isinstance(v, (int, float)):
+        return "a JSON number"
+    return "JSON null"
+
+
+def _tname(v) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _short(s: str, k: int = 40) -> str:
+    return repr(s) if len(s) <= k else repr(s[:k]) + f"... ({len(s)} characters)"
 
 
 def _json_array(path: Path, text: str, n: int | None):
     """Parse a top-level JSON array element by element; yield (line of the element, element).
 
-    Stops after `n` elements. The line numbers let every error name the record's line.
+    Stops after `n` elements (what follows them is never read). The line numbers let every
+    error name the record's line.
     """
-    dec = json.JSONDecoder()
-    i, L = 0, len(text)
-    ws = " \t\r\n"
-    while i < L and text[i] in ws:
-        i += 1
+    dec = json.JSONDecoder(strict=False)        # raw control characters in strings: see _clean
+    L = len(text)
+    i = _WS.match(text, 0).end()
     if i >= L or text[i] != "[":
+        try:
+            found = _jtype(dec.raw_decode(text, i)[0])
+        except json.JSONDecodeError:
+            found = _short(text[i:i + 20], 20)
         raise _err(path, text.count("\n", 0, i) + 1, None,
-                   "expected a JSON array of records (use --format jsonl for one record per line)")
+                   f"expected a JSON array of records, found {found} (a file of one JSON object per "
+                   "line is read as such when its name ends in .jsonl or no format is given)")
     i += 1
     line, last = 1, 0
     count = 0
     first = True
     while True:
-        while i < L and text[i] in ws:
-            i += 1
-        if i < L and text[i] == "]":
+        i = _WS.match(text, i).end()
+        line += text.count("\n", last, i); last = i
+        if i >= L:
+            raise _err(path, line, None, "truncated JSON: the file ends before the array's closing ']'")
+        if text[i] == "]":
+            j = _WS.match(text, i + 1).end()
+            if j < L:
+                raise _err(path, line + text.count("\n", i, j), None,
+                           f"invalid JSON: {_short(text[j:j + 20], 20)} after the array's closing ']'")
             return
         if not first:
-            if i >= L or text[i] != ",":
-                line += text.count("\n", last, i); last = i
-                raise _err(path, line, None, "invalid JSON: expected ',' or ']' between records")
-            i += 1
-            while i < L and text[i] in ws:
-                i += 1
+            if text[i] != ",":
+                raise _err(path, line, None, "invalid JSON: expected ',' or ']' between records, "
+                                             f"found {text[i]!r}")
+            i = _WS.match(text, i + 1).end()
+            line += text.count("\n", last, i); last = i
+            if i >= L:
+                raise _err(path, line, None, "truncated JSON: the file ends before the array's "
+                                             "closing ']'")
         first = False
-        line += text.count("\n", last, i); last = i
         try:
             obj, j = dec.raw_decode(text, i)
         except json.JSONDecodeError as e:
+            if e.pos >= L or e.msg.startswith("Unterminated string"):
+                raise _err(path, line, None, "truncated JSON: the file ends inside the record that "
+                                             f"starts here ({e.msg})") from None
             raise _err(path, e.lineno, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
         yield line, obj
         count += 1
@@ -153,19 +233,58 @@ def _json_array(path: Path, text: str, n: int | None):
         i = j
 
 
-def _jsonl(path: Path, text: str, n: int | None):
-    count = 0
-    for k, raw in enumerate(text.splitlines(), 1):
+def _jsonl(path: Path, text: str, n: int | None, skip=None):
+    """One JSON value per line (blank lines ignored); yield (line, value). Stops after `n` records:
+    the lines after them are never parsed. A line that is not JSON raises, or with `skip`
+    (lenient) is passed to skip(DataError) and counts as one of the n records."""
+    dec = json.JSONDecoder(strict=False)
+    count, pos, k, L = 0, 0, 0, len(text)
+    seen = False
+    while pos < L:
+        end = text.find("\n", pos)
+        end = L if end < 0 else end
+        raw, pos, k = text[pos:end], end + 1, k + 1
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw)
+            obj = dec.decode(raw)
         except json.JSONDecodeError as e:
-            raise _err(path, k, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
-        yield k, obj
+            err = _err(path, k, None, f"invalid JSON: {e.msg} (column {e.colno})")
+            if not seen:                # one JSON object over several lines is not a record file
+                try:
+                    whole = json.loads(text, strict=False)
+                except json.JSONDecodeError:
+                    whole = None
+                if isinstance(whole, dict):
+                    lines = text.rstrip().count("\n") + 1
+                    raise _err(path, k, None, "expected a JSON array of records or one JSON object "
+                                              f"per line, found one JSON object over {lines} lines")
+            if skip is None:
+                raise err from None
+            skip(err)
+        else:
+            yield k, obj
+        seen = True
         count += 1
         if n is not None and count >= n:
             return
+
+
+def _until_bad_byte(items, bad: DataError | None, n: int | None):
+    """`items`, where the text was cut at a byte that is not UTF-8: any parse error, or needing a
+    record past the cut, raises that byte's error instead; records before it are fine."""
+    if bad is None:
+        yield from items
+        return
+    count = 0
+    try:
+        for x in items:
+            yield x
+            count += 1
+    except DataError:
+        raise bad from None
+    if n is None or count < n:
+        raise bad
 
 
 def detect_format(obj: dict) -> str | None:
@@ -175,7 +294,7 @@ def detect_format(obj: dict) -> str | None:
     k = set(obj)
     if "requested_rewrite" in k:
         return "counterfact"
-    if "src" in k:
+    if "src" in k or ("input" in k and ("alternatives" in k or "filtered_rephrases" in k)):
         return "zsre"
     if ("rephrases" in k or "target_true" in k or ("meta" in k and "target_new" in k)
             or isinstance(obj.get("locality"), list) or isinstance(obj.get("portability"), list)):
@@ -187,178 +306,387 @@ def detect_format(obj: dict) -> str | None:
     return None
 
 
-# --- field helpers (all raise DataError naming the field) ------------------------------------
-def _get(d, key, path, line, *, types=(str,), required=True, default=None, nonempty=False):
-    if key not in d or d[key] is None:
-        if required:
-            raise _err(path, line, key, "missing field")
-        return default
+# --- text and field helpers ------------------------------------------------------------------
+def _clean(s: str) -> str:
+    """The labelled repairs of every text field: C0 control characters (U+0000-U+001F) other
+    than tab, newline and carriage return removed; NFC normalisation. Nothing else changes
+    (right-to-left text, emoji, zero-width joiners and marks, leading/trailing spaces)."""
+    if _CONTROL.search(s):
+        s = _CONTROL.sub("", s)
+    if not unicodedata.is_normalized("NFC", s):
+        s = unicodedata.normalize("NFC", s)
+    return s
+
+
+def _blank(v: str) -> str:
+    if v == "":
+        return "expected text, got ''"
+    if not v.strip():
+        return f"expected text, got only whitespace {_short(v)}"
+    return f"expected text, got only control characters / whitespace {_short(v)}"
+
+
+class _Rec:
+    """One record being parsed: where it is, what is required, and the optional items dropped
+    from it (field, why). `alias` renames fields in messages (MEND's own ZsRE keys)."""
+
+    def __init__(self, path, line, need_subject: bool, alias=None):
+        self.path, self.line, self.need_subject = path, line, need_subject
+        self.alias = alias or {}
+        self.drops: list[tuple[str, str]] = []
+
+    def _name(self, fld):
+        if not fld or not self.alias:
+            return fld
+        head = re.match(r"[A-Za-z_ ]*", fld).group(0)
+        return self.alias.get(head, head) + fld[len(head):]
+
+    def err(self, fld, msg) -> DataError:
+        return _err(self.path, self.line, self._name(fld), msg)
+
+    def drop(self, fld, why) -> None:
+        self.drops.append((self._name(fld), why))
+
+
+def _need(r: _Rec, d: dict, key: str, types=(str,), fld=None):
+    """A required field's value (missing, null or another type: DataError)."""
+    fld = fld or key
+    if key not in d:
+        raise r.err(fld, "missing field")
     v = d[key]
+    if v is None:
+        raise r.err(fld, "missing field (null)")
     if not isinstance(v, types):
-        names = "/".join(t.__name__ for t in types)
-        raise _err(path, line, key, f"expected {names}, got {type(v).__name__}")
-    if nonempty and isinstance(v, str) and not v.strip():
-        raise _err(path, line, key, "empty string")
+        raise r.err(fld, f"expected {'/'.join(t.__name__ for t in types)}, got {_tname(v)}")
     return v
 
 
-def _str_list(v, key, path, line) -> list[str]:
+def _need_text(r: _Rec, v, fld: str, what: str) -> str:
+    """A required text: a string that is not blank once cleaned."""
+    if not isinstance(v, str):
+        raise r.err(fld, f"expected str, got {_tname(v)}")
+    s = _clean(v)
+    if not s.strip():
+        raise r.err(fld, f"empty {what} ({_blank(v)})")
+    return s
+
+
+def _need_first(r: _Rec, v, fld: str, what: str = "target") -> str:
+    """A required answer given as a string or a list (of lists) of strings: its first string."""
+    while isinstance(v, list):
+        if not v:
+            raise r.err(fld, f"empty {what} (expected a string or a non-empty list, got [])")
+        v = v[0]
+    return _need_text(r, v, fld, what)
+
+
+def _opt_text(r: _Rec, v, fld: str, what: str) -> str | None:
+    """An optional text: the cleaned string, or None with a drop noted."""
+    if isinstance(v, str):
+        s = _clean(v)
+        if s.strip():
+            return s
+        r.drop(fld, f"empty {what}")
+        return None
+    r.drop(fld, f"empty {what}" if v is None else f"expected a string, got {_tname(v)}")
+    return None
+
+
+def _opt_texts(r: _Rec, v, fld: str, what: str = "prompt") -> list[str]:
+    """An optional string or list of strings (rephrases): the usable ones, drops noted."""
     if v is None:
         return []
     if isinstance(v, str):
-        v = [v]
-    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise _err(path, line, key, "expected a string or a list of strings")
-    return [x for x in v]
+        s = _opt_text(r, v, fld, what)
+        return [s] if s is not None else []
+    if not isinstance(v, list):
+        r.drop(fld, f"expected a string or a list of strings, got {_tname(v)}")
+        return []
+    out = [_opt_text(r, x, f"{fld}[{j}]", what) for j, x in enumerate(v)]
+    return [s for s in out if s is not None]
 
 
-def _first_str(v, key, path, line) -> str:
-    """A ground truth given as a string, a list of strings or a list of lists: its first string."""
-    while isinstance(v, list):
-        if not v:
-            raise _err(path, line, key, "empty list")
-        v = v[0]
-    if not isinstance(v, str):
-        raise _err(path, line, key, f"expected a string, got {type(v).__name__}")
-    return v
+def _opt_answer(r: _Rec, v, fld: str) -> str | None:
+    """An optional answer given as a string, a list of alternatives or a list of lists (KnowEdit:
+    [[answer, alias, ...], ...]): its first non-blank string, or None with a drop noted."""
+    bad = []
+
+    def first(x):
+        if isinstance(x, str):
+            s = _clean(x)
+            return s if s.strip() else None
+        if isinstance(x, list):
+            for y in x:
+                s = first(y)
+                if s is not None:
+                    return s
+            return None
+        if x is not None:
+            bad.append(_tname(x))
+        return None
+
+    s = first(v)
+    if s is None:
+        r.drop(fld, f"expected a string or a list of strings, got {bad[0]}" if bad else "empty answer")
+    return s
 
 
-def _pairs_from(prompts, answers, key, path, line) -> list[tuple[str, str]]:
-    ps = _str_list(prompts, key + ".prompt", path, line)
+def _pairs(r: _Rec, prompts, answers, fld: str, single: str | None = None) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs of one locality/portability entry; unusable ones are dropped.
+
+    One prompt (a string or a one-element list): `answers` is its answer (string, alternatives,
+    list of lists; the first non-blank string is used), field `single` (default fld). Several
+    prompts: one answer each, or a single answer for all; pair j is field fld[j]; another count
+    of answers drops the entry ("3 prompts but 2 answers")."""
+    if isinstance(prompts, list) and len(prompts) == 1:
+        prompts = prompts[0]
+    if not isinstance(prompts, list):
+        name = single or fld
+        p = _opt_text(r, prompts, name, "prompt")
+        a = _opt_answer(r, answers, name) if p is not None else None
+        return [(p, a)] if a is not None else []
+    if not prompts:
+        r.drop(fld, "empty prompt (an empty list)")
+        return []
+    if answers is None or answers == []:
+        r.drop(fld, "empty answer")
+        return []
     if isinstance(answers, str):
         answers = [answers]
     if not isinstance(answers, list):
-        raise _err(path, line, key + ".ground_truth", "expected a string or a list")
-    if len(answers) == 1 and len(ps) > 1:
-        answers = answers * len(ps)
-    if len(answers) != len(ps):
-        raise _err(path, line, key, f"{len(ps)} prompts but {len(answers)} answers")
-    return [(p, _first_str(a, key + ".ground_truth", path, line)) for p, a in zip(ps, answers)]
+        r.drop(fld, f"expected a string or a list of answers, got {_tname(answers)}")
+        return []
+    if len(answers) == 1:
+        answers = answers * len(prompts)
+    if len(answers) != len(prompts):
+        r.drop(fld, f"{len(prompts)} prompts but {len(answers)} answers")
+        return []
+    out = []
+    for j, (p, a) in enumerate(zip(prompts, answers)):
+        p = _opt_text(r, p, f"{fld}[{j}]", "prompt")
+        a = _opt_answer(r, a, f"{fld}[{j}]") if p is not None else None
+        if a is not None:
+            out.append((p, a))
+    return out
 
 
-def _nested_pairs(v, key, path, line) -> tuple[list[tuple[str, str]], dict]:
-    """EasyEdit nested locality/portability: {name: {prompt, ground_truth} | [{...}, ...]}."""
+def _nested(r: _Rec, v, key: str) -> tuple[list[tuple[str, str]], dict]:
+    """KnowEdit / EasyEdit nested locality or portability: {kind: {prompt, ground_truth} |
+    [{prompt, ground_truth}, ...]}. Entry i of a kind is field key.kind[i] (key.kind when the
+    kind is one object); kinds counts the pairs kept per kind."""
     out, kinds = [], {}
     if v is None:
         return out, kinds
     if not isinstance(v, dict):
-        raise _err(path, line, key, f"expected an object, got {type(v).__name__}")
+        r.drop(key, f"expected an object {{kind: entries}}, got {_tname(v)}")
+        return out, kinds
     for name, entry in v.items():
-        entries = entry if isinstance(entry, list) else [entry]
-        for e in entries:
-            if not isinstance(e, dict) or "prompt" not in e or "ground_truth" not in e:
-                raise _err(path, line, f"{key}.{name}", "expected {prompt, ground_truth}")
-            pairs = _pairs_from(e["prompt"], e["ground_truth"], f"{key}.{name}", path, line)
-            kinds.setdefault(name, 0)
+        base = f"{key}.{name}"
+        entries = list(enumerate(entry)) if isinstance(entry, list) else [(None, entry)]
+        kinds.setdefault(name, 0)
+        for i, e in entries:
+            f = base if i is None else f"{base}[{i}]"
+            if not isinstance(e, dict) or "prompt" not in e:
+                got = f"keys {sorted(e)}" if isinstance(e, dict) else _tname(e)
+                r.drop(f, f"expected an object {{prompt, ground_truth}}, got {got}")
+                continue
+            if "ground_truth" not in e:
+                r.drop(f, "empty answer (no ground_truth)")
+                continue
+            pairs = _pairs(r, e["prompt"], e["ground_truth"], f)
             kinds[name] += len(pairs)
             out += pairs
     return out, kinds
 
 
+def _portability(r: _Rec, v) -> tuple[list[tuple[str, str]], dict | None]:
+    """ZsRE's {New Question, New Answer} (one pair) or the nested KnowEdit form."""
+    if isinstance(v, dict) and ("New Question" in v or "New Answer" in v):
+        p = _opt_text(r, v.get("New Question"), "portability.New Question", "prompt")
+        a = _opt_answer(r, v.get("New Answer"), "portability.New Answer") if p is not None else None
+        return ([(p, a)] if a is not None else []), None
+    return _nested(r, v, "portability")
+
+
+def _subject(r: _Rec, d: dict, key: str = "subject") -> str | None:
+    """The subject: required (DataError) when the method needs it, else dropped when unusable."""
+    v = d.get(key)
+    if v is None:
+        return None
+    if r.need_subject:
+        return _need_text(r, v, key, "subject")
+    return _opt_text(r, v, key, "subject")
+
+
+def _fill(text: str, subject: str | None) -> str:
+    """WISE temporal prompts hold a '{}' placeholder for the subject."""
+    if subject and "{}" in text and subject not in text:
+        return text.replace("{}", subject)
+    return text
+
+
+def _unique(xs: list[str]) -> list[str]:
+    return list(dict.fromkeys(xs))
+
+
 # --- one parser per format -------------------------------------------------------------------
-def _parse_zsre(d, path, line, zsre_target) -> EditRecord:
-    src = _get(d, "src", path, line, nonempty=True)
-    answers = _get(d, "answers", path, line, types=(list, str))
-    answers = _str_list(answers, "answers", path, line)
+# MEND's own ZsRE JSON lines, named as the MEND/ROME ZsRE JSON names them
+_MEND_KILT = {"src": "input", "alt": "alternatives[0]", "answers": "output[].answer",
+              "rephrase": "filtered_rephrases", "pred": "prediction"}
+
+
+def _from_mend_kilt(d: dict) -> dict:
+    """{input, prediction, alternatives, filtered_rephrases, output: [{answer}]} as the {src,
+    pred, alt, rephrase, answers} record MEND's loader makes of it (alt = the first alternative,
+    every filtered rephrase)."""
+    out, alts = d.get("output"), d.get("alternatives")
+    v = {"src": d.get("input"), "rephrase": d.get("filtered_rephrases"),
+         "answers": [o.get("answer") if isinstance(o, dict) else o for o in out]
+         if isinstance(out, list) else out,
+         "alt": alts[0] if isinstance(alts, list) and alts else alts}
+    if "prediction" in d:
+        v["pred"] = d["prediction"]
+    for k in ("subject", "loc", "loc_ans", "portability", "id"):
+        if k in d:
+            v[k] = d[k]
+    return v
+
+
+def _parse_zsre(d, r: _Rec, zsre_target) -> EditRecord:
+    if "src" not in d and "input" in d:
+        d, r.alias = _from_mend_kilt(d), _MEND_KILT
+    src = _need_text(r, _need(r, d, "src"), "src", "prompt")
     if zsre_target == "answers":
-        if not answers or not answers[0].strip():
-            raise _err(path, line, "answers", "empty target")
-        new, true = answers[0], None
+        if d.get("answers") is None:
+            raise r.err("answers", "missing field (a file without the true answers, e.g. WISE's or "
+                                   "a counterfactual one, is read with zsre_target='alt')")
+        new = _need_first(r, _need(r, d, "answers", (list, str)), "answers")
+        true = None
     else:
-        new = _get(d, "alt", path, line, nonempty=True)
-        true = answers[0] if answers else None
-    rephrases = _str_list(d.get("rephrase"), "rephrase", path, line)
+        new = _need_text(r, _need(r, d, "alt"), "alt", "target")
+        true = None
+        if d.get("answers") is not None:            # the true answer, when given, must be usable
+            true = _need_first(r, _need(r, d, "answers", (list, str)), "answers")
+    subject = _subject(r, d)
+    rephrases = _opt_texts(r, d.get("rephrase"), "rephrase")
     loc = []
-    if d.get("loc") is not None:
-        loc = [(_get(d, "loc", path, line), _first_str(_get(d, "loc_ans", path, line,
-                                                            types=(str, list)), "loc_ans", path, line))]
-    port = []
-    p = d.get("portability")
-    if isinstance(p, dict) and "New Question" in p and "New Answer" in p:
-        port = [(p["New Question"], _first_str(p["New Answer"], "portability.New Answer", path, line))]
+    if d.get("loc") is not None or d.get("loc_ans") is not None:
+        p = _opt_text(r, d.get("loc"), "loc", "prompt")
+        a = _opt_answer(r, d.get("loc_ans"), "loc_ans") if p is not None else None
+        loc = [(p, a)] if a is not None else []
+    port, kinds = _portability(r, d.get("portability"))
     meta = {k: d[k] for k in ("pred", "cond", "alt", "answers") if k in d}
-    meta["zsre_target"] = zsre_target
-    return EditRecord(src, new, true, d.get("subject"), rephrases, loc, port, meta)
-
-
-def _parse_easyedit(d, path, line) -> EditRecord:
-    prompt = _get(d, "prompt", path, line, nonempty=True)
-    new = _first_str(_get(d, "target_new", path, line, types=(str, list)), "target_new", path, line)
-    true = d.get("ground_truth")
-    true = _first_str(true, "ground_truth", path, line) if true is not None else None
-    rephrases = _str_list(d.get("rephrase_prompt"), "rephrase_prompt", path, line)
-    loc, port, meta = [], [], {}
-    if "locality_prompt" in d:
-        loc = _pairs_from(d["locality_prompt"], _get(d, "locality_ground_truth", path, line,
-                                                      types=(str, list)), "locality", path, line)
-    elif "locality" in d:
-        loc, kinds = _nested_pairs(d["locality"], "locality", path, line)
-        meta["locality_kinds"] = kinds
-    if "portability" in d:
-        port, kinds = _nested_pairs(d["portability"], "portability", path, line)
+    if kinds:
         meta["portability_kinds"] = kinds
+    meta["zsre_target"] = zsre_target
+    return EditRecord(src, new, true, subject, rephrases, loc, port, meta)
+
+
+def _parse_easyedit(d, r: _Rec) -> EditRecord:
+    prompt = _need_text(r, _need(r, d, "prompt"), "prompt", "prompt")
+    new = _need_first(r, _need(r, d, "target_new", (str, list)), "target_new")
+    true = None
+    if d.get("ground_truth") is not None:           # the true answer, when given, must be usable
+        true = _need_first(r, _need(r, d, "ground_truth", (str, list)), "ground_truth")
+    subject = _subject(r, d)
+    prompt = _fill(prompt, subject)
+    rephrases = []
+    for k in ("rephrase_prompt", "rephrase", "ood_rephrase"):
+        rephrases += [_fill(x, subject) for x in _opt_texts(r, d.get(k), k)]
+    loc, port, meta = [], [], {}
+    if d.get("locality_prompt") is not None or d.get("locality_ground_truth") is not None:
+        loc += _pairs(r, d.get("locality_prompt"), d.get("locality_ground_truth"), "locality",
+                      "locality[0]")
+    if d.get("locality") is not None:
+        pairs, meta["locality_kinds"] = _nested(r, d["locality"], "locality")
+        loc += pairs
+    if d.get("portability") is not None:
+        port, kinds = _portability(r, d["portability"])
+        if kinds is not None:
+            meta["portability_kinds"] = kinds
     for k in ("case_id", "cond"):
         if k in d:
             meta[k] = d[k]
-    return EditRecord(prompt, new, true, d.get("subject"), rephrases, loc, port, meta)
+    return EditRecord(prompt, new, true, subject, _unique(rephrases), loc, port, meta)
 
 
-def _parse_counterfact(d, path, line) -> EditRecord:
-    rw = _get(d, "requested_rewrite", path, line, types=(dict,))
-    subj = _get(rw, "subject", path, line, nonempty=True)
-    tmpl = _get(rw, "prompt", path, line)
+def _parse_counterfact(d, r: _Rec) -> EditRecord:
+    rw = _need(r, d, "requested_rewrite", (dict,))
+    rr = "requested_rewrite."
+    subj = _need_text(r, _need(r, rw, "subject", fld=rr + "subject"), rr + "subject", "subject")
+    tmpl = _need_text(r, _need(r, rw, "prompt", fld=rr + "prompt"), rr + "prompt", "prompt")
     if "{}" not in tmpl:
-        raise _err(path, line, "requested_rewrite.prompt", "no '{}' placeholder for the subject")
-    tn = _get(rw, "target_new", path, line, types=(dict,))
-    tt = _get(rw, "target_true", path, line, types=(dict,))
-    new = _get(tn, "str", path, line)
-    true = _get(tt, "str", path, line)
-    if not new.strip():
-        raise _err(path, line, "requested_rewrite.target_new.str", "empty target")
-    para = _str_list(d.get("paraphrase_prompts"), "paraphrase_prompts", path, line)
-    neigh = _str_list(d.get("neighborhood_prompts"), "neighborhood_prompts", path, line)
+        raise r.err(rr + "prompt", f"no '{{}}' placeholder for the subject in {_short(tmpl)}")
+    tn = _need(r, rw, "target_new", (dict,), fld=rr + "target_new")
+    tt = _need(r, rw, "target_true", (dict,), fld=rr + "target_true")
+    new = _need_text(r, _need(r, tn, "str", fld=rr + "target_new.str"), rr + "target_new.str", "target")
+    true = _need_text(r, _need(r, tt, "str", fld=rr + "target_true.str"), rr + "target_true.str",
+                      "target")
+    para = _opt_texts(r, d.get("paraphrase_prompts"), "paraphrase_prompts")
+    neigh = _opt_texts(r, d.get("neighborhood_prompts"), "neighborhood_prompts")
     meta = {"case_id": d.get("case_id"),
-            "generation_prompts": _str_list(d.get("generation_prompts"), "generation_prompts", path, line)}
+            "generation_prompts": _opt_texts(r, d.get("generation_prompts"), "generation_prompts")}
     return EditRecord(tmpl.replace("{}", subj), new, true, subj, para,
                       [(p, true) for p in neigh], [], meta)
 
 
-def _parse_hallucination(d, path, line) -> EditRecord:
+def _parse_hallucination(d, r: _Rec) -> EditRecord:
     if "prompt" in d:                       # WikiBio edits, EasyEdit layout
-        return _parse_easyedit(d, path, line)
-    text = _get(d, "text", path, line, nonempty=True)
-    if "labels" in d:                       # WikiBio-A: the accurate sentence given the passage
-        labels = _get(d, "labels", path, line, nonempty=True)
-        return EditRecord(text, labels, None, d.get("concept"), meta={"kind": "wikibio"})
+        return _parse_easyedit(d, r)
+    text = _need_text(r, _need(r, d, "text"), "text", "text")
+    if "labels" in d or "concept" in d:     # WikiBio-A / KnowEdit WikiBio: the accurate sentence
+        labels = _need_text(r, _need(r, d, "labels"), "labels", "target")
+        loc, kinds = _nested(r, d.get("locality"), "locality")
+        meta = {"kind": "wikibio"}
+        if kinds:
+            meta["locality_kinds"] = kinds
+        return EditRecord(text, labels, None, _subject(r, d, "concept"), [], loc, [], meta)
     return EditRecord("", text, None, None, meta={"kind": "text"})   # OpenWebText: text alone
 
 
-def _parse_jsonl(d, path, line) -> EditRecord:
-    if not isinstance(d, dict):
-        raise _err(path, line, None, f"expected a JSON object, got {type(d).__name__}")
+def _parse_jsonl(d, r: _Rec) -> EditRecord:
+    """The project's own format, as save_jsonl writes it: its structure (types, [prompt, answer]
+    pairs) is checked strictly; blank optional items are dropped like in every format."""
     unknown = sorted(set(d) - set(_FIELDS))
     if unknown:
-        raise _err(path, line, unknown[0], f"unknown field (fields: {', '.join(_FIELDS)})")
-    prompt = _get(d, "prompt", path, line)
-    new = _get(d, "target_new", path, line)
-    true = _get(d, "target_true", path, line, required=False)
-    subj = _get(d, "subject", path, line, required=False)
-    reph = _get(d, "rephrases", path, line, types=(list,), required=False, default=[])
-    if not all(isinstance(x, str) for x in reph):
-        raise _err(path, line, "rephrases", "expected a list of strings")
+        raise r.err(unknown[0], f"unknown field (fields: {', '.join(_FIELDS)})")
+    prompt = _need_text(r, _need(r, d, "prompt"), "prompt", "prompt")
+    new = _need_text(r, _need(r, d, "target_new"), "target_new", "target")
+    true = None
+    if d.get("target_true") is not None:
+        true = _need_text(r, _need(r, d, "target_true"), "target_true", "target")
+    subj = d.get("subject")
+    if subj is not None and not isinstance(subj, str):
+        raise r.err("subject", f"expected str, got {_tname(subj)}")
+    subj = _subject(r, d)
+    reph = d.get("rephrases") or []
+    if not isinstance(reph, list) or not all(isinstance(x, str) for x in reph):
+        raise r.err("rephrases", "expected a list of strings")
+    reph = _opt_texts(r, reph, "rephrases")
     pairs = {}
     for key in ("locality", "portability"):
-        v = _get(d, key, path, line, types=(list,), required=False, default=[])
+        v = d.get(key) or []
+        if not isinstance(v, list):
+            raise r.err(key, f"expected list, got {_tname(v)}")
         out = []
         for i, p in enumerate(v):
             if (not isinstance(p, (list, tuple)) or len(p) != 2
                     or not all(isinstance(x, str) for x in p)):
-                raise _err(path, line, f"{key}[{i}]", "expected a [prompt, answer] pair of strings")
-            out.append((p[0], p[1]))
+                raise r.err(f"{key}[{i}]", "expected a [prompt, answer] pair of strings")
+            q = _opt_text(r, p[0], f"{key}[{i}]", "prompt")
+            a = _opt_text(r, p[1], f"{key}[{i}]", "answer") if q is not None else None
+            if a is not None:
+                out.append((q, a))
         pairs[key] = out
-    meta = _get(d, "meta", path, line, types=(dict,), required=False, default={})
-    return EditRecord(prompt, new, true, subj, list(reph), pairs["locality"],
+    meta = d.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise r.err("meta", f"expected dict, got {_tname(meta)}")
+    return EditRecord(prompt, new, true, subj, reph, pairs["locality"],
                       pairs["portability"], dict(meta))
+
+
+_PARSERS = {"easyedit": _parse_easyedit, "counterfact": _parse_counterfact,
+            "hallucination": _parse_hallucination, "jsonl": _parse_jsonl}
 
 
 def check_record(rec: EditRecord, require_subject: bool = False) -> None:
@@ -387,23 +715,76 @@ def _check(rec: EditRecord, path, line, require_subject: bool) -> None:
         if not rec.subject:
             raise _err(path, line, "subject", "missing field (this method needs the subject)")
         if rec.subject not in rec.prompt:
+            other = re.search(re.escape(rec.subject), rec.prompt, re.IGNORECASE)
+            if other:
+                raise _err(path, line, "subject", f"{rec.subject!r} occurs in the prompt only with "
+                                                  f"other case ({other.group(0)!r})")
             raise _err(path, line, "subject", f"{rec.subject!r} does not occur in the prompt "
-                                              f"{rec.prompt!r}")
+                                              f"{_short(rec.prompt, 200)}")
+
+
+def _note_where(x: dict) -> str:
+    where = f"{x['file']}:{x['record']}"
+    return f"{where}: {x['field']}: {x['why']}" if x.get("field") else f"{where}: {x['why']}"
+
+
+def format_drops(notes) -> str | None:
+    """The one summary line of load_edits' notes (None when there are none), per file:
+    "FILE: dropped 2 unusable optional items (first: FILE:9202: locality[1]: empty answer)";
+    lenient skips add "skipped 1 record with an unusable required field". Several files: their
+    summaries joined by "; "."""
+    if not notes:
+        return None
+    by_file: dict[str, list] = {}
+    for x in notes:
+        by_file.setdefault(x["file"], []).append(x)
+    parts = []
+    for f, xs in by_file.items():
+        skipped = sum(1 for x in xs if x.get("skipped"))
+        dropped = len(xs) - skipped
+        what = []
+        if dropped:
+            what.append(f"dropped {dropped} unusable optional item{'s' * (dropped != 1)}")
+        if skipped:
+            what.append(f"skipped {skipped} record{'s' * (skipped != 1)} with an unusable "
+                        "required field")
+        parts.append(f"{f}: {', '.join(what)} (first: {_note_where(xs[0])})")
+    return "; ".join(parts)
 
 
 def load_edits(path, format: str | None = None, *, zsre_target: str = "answers",
-               n: int | None = None, require_subject: bool = False) -> list[EditRecord]:
+               n: int | None = None, require_subject: bool = False, notes: list | None = None,
+               lenient: bool = False) -> list[EditRecord]:
     """Load and validate edit records.
 
-    path            a .json array file or a .jsonl file
+    path            a .json array file or a JSON-lines file (.jsonl, or any name when format is
+                    None or "jsonl"); a leading UTF-8 BOM is accepted
     format          None (detect from the first record's keys) or one of FORMATS
     zsre_target     MEND ZsRE only: "answers" (target_new = answers[0], the ZsRE QA evaluation)
                     or "alt" (target_new = alt, target_true = answers[0]: a counterfactual edit)
-    n               keep the first n records (None: all)
+    n               read only the first n records (None: all); what follows them is never
+                    parsed, so it is never a reason to refuse the file
     require_subject every record must have a subject that occurs in its prompt (ROME/MEMIT/NSE)
+    notes           a list: one dict per dropped optional item is appended, {"file": str(path),
+                    "record": LINE, "field": "locality.Relation_Specificity[1]", "why": "empty
+                    answer"} (lenient skips: field, why of the error and "skipped": True). None:
+                    one DataWarning per file instead, the line of `format_drops`
+    lenient         records with an unusable REQUIRED field (and, in JSON lines, lines that are
+                    not JSON) are skipped and noted instead of raising (reading a whole file for
+                    relation probes); n counts them among the records read
 
-    Raises DataError('FILE:LINE: FIELD: problem') on the first bad record, before returning
-    anything.
+    Required: the prompt, the target, a true answer the file gives, the subject under
+    require_subject, the structure of the project's own format. A problem with one of them is a
+    DataError('FILE:LINE: FIELD: what was expected, what was found') raised before returning
+    anything (notes are only appended on success). Optional items (rephrases, locality and
+    portability pairs, a subject not required, generation prompts) that are empty, blank, null,
+    of another type, or a locality/portability entry whose prompts and answers do not pair up,
+    are dropped and noted. Repairs, silently: NFC normalisation and the removal of C0 control
+    characters but tab/newline/CR in every text field (so a subject written in NFD is found in
+    an NFC prompt); a '{}' placeholder in a prompt filled with the subject (WISE temporal);
+    duplicate rephrases of one record removed. Duplicate records are kept, not noted: a
+    sequential edit stream may repeat an edit. No length limit: a 1 MB string loads (the harness
+    checks token lengths against the model's context).
     """
     path = Path(path)
     if format is not None and format not in FORMATS:
@@ -412,37 +793,60 @@ def load_edits(path, format: str | None = None, *, zsre_target: str = "answers",
         raise DataError(f"{path}: zsre_target: {zsre_target!r} is not 'answers' or 'alt'")
     if n is not None and n < 1:
         raise DataError(f"{path}: n: must be >= 1, got {n}")
-    text = _read_text(path)
-    stripped = text.lstrip()
-    if not stripped:
+    text, bad = _read_text(path)
+    i = _WS.match(text, 0).end()
+    if i >= len(text):
+        if bad is not None:
+            raise bad
         raise _err(path, 1, None, "empty file")
-    lines_mode = format == "jsonl" or (format is None and not stripped.startswith("["))
-    items = _jsonl(path, text, n) if lines_mode else _json_array(path, text, n)
+    found: list[dict] = []
+
+    def skipped(e: DataError):
+        found.append({"file": str(path), "record": e.line, "field": e.field, "why": e.why,
+                      "skipped": True})
+
+    lines_mode = text[i] != "[" and (format == "jsonl" or path.suffix.lower() == ".jsonl"
+                                     or (format is None and text[i] == "{"))
+    if lines_mode:
+        if bad is not None:                 # a record cut by the bad byte is never parsed
+            text = text[:text.rfind("\n") + 1]
+        items = _jsonl(path, text, n, skipped if lenient else None)
+    else:
+        items = _json_array(path, text, n)
     out: list[EditRecord] = []
     fmt = format
-    for line, obj in items:
-        if not isinstance(obj, dict):
-            raise _err(path, line, None, f"expected a JSON object, got {type(obj).__name__}")
-        if fmt is None:
-            fmt = detect_format(obj)
-            if fmt is None:
+    for line, obj in _until_bad_byte(items, bad, n):
+        r = _Rec(path, line, require_subject)
+        try:
+            if not isinstance(obj, dict):
+                raise _err(path, line, None, f"expected a JSON object (a record), got {_jtype(obj)}")
+            f = fmt or detect_format(obj)
+            if f is None:
                 raise _err(path, line, None, "cannot tell the format from the keys "
                            f"{sorted(obj)}; give format= one of {', '.join(FORMATS)}")
-        if fmt == "zsre":
-            rec = _parse_zsre(obj, path, line, zsre_target)
-        elif fmt == "easyedit":
-            rec = _parse_easyedit(obj, path, line)
-        elif fmt == "counterfact":
-            rec = _parse_counterfact(obj, path, line)
-        elif fmt == "hallucination":
-            rec = _parse_hallucination(obj, path, line)
-        else:
-            rec = _parse_jsonl(obj, path, line)
-        _check(rec, path, line, require_subject)
+            if f == "zsre":
+                rec = _parse_zsre(obj, r, zsre_target)
+            else:
+                rec = _PARSERS[f](obj, r)
+            _check(rec, path, line, require_subject)
+        except DataError as e:
+            if not lenient:
+                raise
+            skipped(e)
+            continue
+        fmt = f
+        found += [{"file": str(path), "record": line, "field": fld, "why": why}
+                  for fld, why in r.drops]
         rec.meta.setdefault("source", f"{path.name}:{line}")
         out.append(rec)
     if not out:
+        if found:
+            raise _err(path, None, None, f"no usable records ({format_drops(found)})")
         raise _err(path, None, None, "no records")
+    if notes is not None:
+        notes.extend(found)
+    elif found:
+        warnings.warn(format_drops(found), DataWarning, stacklevel=2)
     return out
 
 

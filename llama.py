@@ -19,6 +19,7 @@ swap the down projection module itself; nothing here disables gradients except g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -37,6 +38,14 @@ import torch.nn.functional as F
 
 class CheckpointError(ValueError):
     """A checkpoint, config or tokenizer that cannot be used as is; the message names the culprit."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,9 +110,20 @@ class LlamaConfig:
                  "rope_scaling": None if rp.get("rope_type", "default") == "default" else rp}
         rs = d.get("rope_scaling")
         if rs is not None:
+            if not isinstance(rs, dict):
+                raise CheckpointError(f"{source}: field rope_scaling must be an object or null, got {rs!r}")
             kind = rs.get("rope_type", rs.get("type"))
             if kind not in ("default", "linear", "llama3"):
                 refuse("rope_scaling", "only null, linear and llama3 are implemented")
+            needs = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                       "original_max_position_embeddings")}.get(kind, ())
+            for key in needs:
+                if not _is_number(rs.get(key)) or rs[key] <= 0:
+                    raise CheckpointError(f"{source}: field rope_scaling.{key} must be a positive number "
+                                          f"({kind} scaling), got {rs.get(key)!r}")
+            if kind == "llama3" and rs["low_freq_factor"] >= rs["high_freq_factor"]:
+                raise CheckpointError(f"{source}: field rope_scaling.low_freq_factor {rs['low_freq_factor']} "
+                                      f"must be below high_freq_factor {rs['high_freq_factor']}")
         known = {f for f in cls.__dataclass_fields__ if not f.startswith("_")}
         kwargs = {k: v for k, v in d.items() if k in known}
         kwargs["torch_dtype"] = d.get("torch_dtype") or d.get("dtype") or "float32"
@@ -111,10 +131,46 @@ class LlamaConfig:
         for key in sorted(unknown):   # e.g. "rope_parameters", "layer_types", "attn_logit_softcapping"
             if d[key] not in (None, False, 0, [], {}):
                 refuse(key, "not a field of the Llama architecture")
-        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-            if not isinstance(d.get(key), int) or d[key] <= 0:
-                raise CheckpointError(f"{source}: field {key} must be a positive integer, got {d.get(key)!r}")
+        cls._check_fields(d, source)
         return cls(**kwargs)
+
+    REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+    @classmethod
+    def _check_fields(cls, d: dict, source: str):
+        """Types and ranges of the fields the model is built from, so that a bad config.json is one
+        line naming the field (expected, found) rather than an error from deep inside torch."""
+        def wrong(key, expected):
+            raise CheckpointError(f"{source}: field {key} must be {expected}, got {d.get(key)!r}")
+        for key in cls.REQUIRED:
+            if key not in d:
+                raise CheckpointError(f"{source}: missing required field {key} (a positive integer)")
+        for key in (*cls.REQUIRED, "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            v = d.get(key)
+            if (key in cls.REQUIRED or v is not None) and (not _is_int(v) or v <= 0):
+                wrong(key, "a positive integer")
+        for key in ("rms_norm_eps", "rope_theta"):
+            if d.get(key) is not None and (not _is_number(d[key]) or not 0 < d[key] < math.inf):
+                wrong(key, "a positive number")
+        if not isinstance(d.get("tie_word_embeddings", False), bool):
+            wrong("tie_word_embeddings", "true or false")
+        for key in ("bos_token_id", "pad_token_id"):
+            if d.get(key) is not None and not _is_int(d[key]):
+                wrong(key, "an integer or null")
+        eos = d.get("eos_token_id")
+        if eos is not None and not _is_int(eos) and not (isinstance(eos, list) and all(map(_is_int, eos))):
+            wrong("eos_token_id", "an integer, a list of integers or null")
+        hidden, heads = d["hidden_size"], d["num_attention_heads"]
+        kv = d.get("num_key_value_heads") or heads
+        if d.get("head_dim") is None and hidden % heads:
+            raise CheckpointError(f"{source}: field num_attention_heads {heads} does not divide hidden_size "
+                                  f"{hidden} (and no head_dim is given)")
+        if heads % kv:
+            raise CheckpointError(f"{source}: field num_key_value_heads {kv} does not divide "
+                                  f"num_attention_heads {heads}")
+        head_dim = d.get("head_dim") or hidden // heads
+        if head_dim % 2:
+            raise CheckpointError(f"{source}: head_dim {head_dim} must be even (rotary embeddings rotate pairs)")
 
     @classmethod
     def from_file(cls, path) -> "LlamaConfig":
@@ -122,9 +178,11 @@ class LlamaConfig:
         if not path.is_file():
             raise CheckpointError(f"{path}: config.json not found")
         try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            d = json.loads(path.read_bytes())
+        except ValueError as e:                   # JSONDecodeError, UnicodeDecodeError
             raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{path}: expected a JSON object, found {type(d).__name__}")
         return cls.from_dict(d, source=str(path))
 
     def to_dict(self) -> dict:
@@ -287,10 +345,34 @@ class Block(nn.Module):
 
 @dataclass
 class Trace:
-    """Intermediate values of one forward pass (gradients flow through them unless disabled)."""
-    hidden: list = field(default_factory=list)   # [embeddings, output of block 0, ..., block L-1]
-    ffn_in: list = field(default_factory=list)   # [down_proj input of layer 0, ..., layer L-1]
+    """Intermediate values of one forward pass (gradients flow through them unless disabled).
+    block_output(l), block_input(l) and down_proj_input(l) take absolute layer numbers and mean
+    the same under forward_trace and run_layers; the raw lists are offset differently (below)."""
+    # TRAP: forward_trace: hidden[l] = INPUT of block l (hidden[0]: embeddings); run_layers(h, s, ..): OUTPUT of block s+l
+    hidden: list = field(default_factory=list)
+    ffn_in: list = field(default_factory=list)   # ffn_in[i]: down_proj input of block blocks[i]
     logits: torch.Tensor | None = None
+    blocks: list = field(default_factory=list)   # the blocks run, in order (absolute layer numbers)
+    first_input: torch.Tensor | None = None      # the input of block blocks[0] (forward_trace: embeddings)
+
+    def block_output(self, l: int) -> torch.Tensor:
+        """Output of block l; l = -1 means the embeddings (the input of block 0)."""
+        if self.blocks and l == self.blocks[0] - 1 and self.first_input is not None:
+            return self.first_input
+        if l not in self.blocks:
+            raise IndexError(f"block {l} was not run in this trace (blocks run: {self.blocks})")
+        lead = len(self.hidden) - len(self.blocks)          # 1 under forward_trace (embeddings), else 0
+        return self.hidden[lead + self.blocks.index(l)]
+
+    def block_input(self, l: int) -> torch.Tensor:
+        """Input of block l: the output of block l-1 (the embeddings for l = 0)."""
+        return self.block_output(l - 1)
+
+    def down_proj_input(self, l: int) -> torch.Tensor:
+        """u = silu(W_gate x) * (W_up x) of block l: its down projection's input."""
+        if l not in self.blocks:
+            raise IndexError(f"block {l} was not run in this trace (blocks run: {self.blocks})")
+        return self.ffn_in[self.blocks.index(l)]
 
 
 class KVCache:
@@ -395,11 +477,14 @@ class Llama(nn.Module):
         B, T, _ = h.shape
         mask, positions = self._mask_and_positions(B, T, h.device, attention_mask, positions, cache)
         cos, sin = rope_cos_sin(self.config, positions, h.dtype)
+        if trace is not None and not trace.blocks:
+            trace.first_input = h
         for i in range(start, end):
             kv = None if cache is None else (cache.k[i], cache.v[i], cache.length)
             h = self.layers[i](h, cos, sin, mask, kv, trace)
             if trace is not None:
                 trace.hidden.append(h)
+                trace.blocks.append(i)
         if cache is not None and end == self.config.num_hidden_layers:
             cache.length += T
         return h
@@ -435,74 +520,122 @@ class Llama(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # 3. Checkpoints: safetensors in, safetensors out
 
-# safetensors dtype names <-> torch dtypes
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-              "U8": torch.uint8, "BOOL": torch.bool}
+# safetensors dtype names of the floating tensors a model can be loaded from <-> torch dtypes
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+# bytes per element of every safetensors dtype: only to explain a file the package refuses
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+                "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def read_safetensors_header(path) -> tuple[dict, int]:
-    """Parse a .safetensors header: {name: {dtype, shape, data_offsets}} and where the data starts.
+def resolve_dtype(dtype) -> torch.dtype:
+    """"bfloat16" or torch.bfloat16 -> torch.bfloat16; anything but a floating dtype is refused."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype {dtype!r}: expected a floating torch dtype or one of {', '.join(DTYPES)}")
+    return dtype
 
-    Format: 8-byte little-endian header length N, N bytes of JSON, then the raw tensor bytes.
-    Every entry is checked against the file size, so a truncated file is caught before reading.
+
+def open_safetensors(path):
+    """safetensors.safe_open(path) for torch on the CPU: the one reader of weights in this project.
+
+    Opening reads only the header; the package checks it against the file size (every tensor's
+    bytes in the file, nothing left over) before any data is read. A file it refuses becomes a
+    one-line CheckpointError naming the file and the tensor or field at fault.
     """
+    from safetensors import SafetensorError, safe_open
     path = Path(path)
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise _refused_safetensors(path, e) from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the file ({e.strerror or e})") from None
+
+
+def _refused_safetensors(path: Path, err) -> CheckpointError:
+    """Why the safetensors package refused `path`, in one line. Its own message names no tensor,
+    so the header alone (8-byte little-endian length N, then N bytes of JSON) is re-read here to
+    say which; the tensor data is never touched."""
     size = path.stat().st_size
+    bad = lambda what: CheckpointError(f"{path}: {what}")
     with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-        n = struct.unpack("<Q", raw)[0]
-        if n > size - 8 or n > 100 << 20:
-            raise CheckpointError(f"{path}: corrupt safetensors header (length {n}, file {size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path}: corrupt safetensors header (invalid JSON)") from None
-    header.pop("__metadata__", None)
-    data_start = 8 + n
+        head = f.read(8)
+        if len(head) < 8:
+            return bad(f"not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
+        if head == b"version ":
+            return bad("not a safetensors file: it is a Git LFS pointer (fetch the real file: git lfs pull)")
+        for magic, kind in ((b"PK\x03\x04", "a zip archive (torch.save)"), (b"\x80", "a pickle"), (b"GGUF", "GGUF")):
+            if head.startswith(magic):
+                return bad(f"not a safetensors file: it is {kind} (this project never loads pickle: convert it)")
+        n = struct.unpack("<Q", head)[0]
+        if n > size - 8:
+            return bad(f"corrupt safetensors header: header length {n} bytes, only {size - 8} follow "
+                       f"(truncated, or not a safetensors file)")
+        if n > 100 << 20:
+            return bad(f"corrupt safetensors header: header length {n} bytes, over the 100 MB limit")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except ValueError as e:                       # JSONDecodeError, UnicodeDecodeError
+        return bad(f"corrupt safetensors header: not JSON ({e}); not a safetensors file?")
+    if not isinstance(header, dict):
+        return bad(f"corrupt safetensors header: expected a JSON object, found {type(header).__name__}")
+    data_start, spans = 8 + n, []
     for name, info in header.items():
-        if info.get("dtype") not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
-        begin, end = info["data_offsets"]
-        nbytes = math.prod(info["shape"]) * _ST_DTYPES[info["dtype"]].itemsize
-        if end - begin != nbytes:
-            raise CheckpointError(f"{path}: tensor {name} has {end - begin} bytes for shape {info['shape']}")
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
+            begin, end = int(begin), int(end)
+        except (TypeError, KeyError, ValueError):
+            return bad(f"corrupt safetensors header: tensor {name}: expected dtype, shape and data_offsets, "
+                       f"found {json.dumps(info)[:120]}")
+        if dtype not in _ST_ITEMSIZE:
+            return bad(f"tensor {name}: unknown safetensors dtype {dtype!r}")
+        need = math.prod(shape) * _ST_ITEMSIZE[dtype]
+        if end - begin != need:
+            return bad(f"corrupt safetensors header: tensor {name} ({dtype} {shape}) needs {need} bytes, "
+                       f"its data_offsets span {end - begin}")
+        spans.append((end, begin, name))
+    for end, begin, name in sorted(spans):
         if data_start + end > size:
-            raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {data_start + end}, "
-                                  f"file has {size}")
-    return header, data_start
+            return bad(f"truncated: tensor {name} needs bytes {data_start + begin}..{data_start + end}, "
+                       f"the file has {size} bytes")
+    covered = data_start + max((s[0] for s in spans), default=0)
+    if covered != size:
+        return bad(f"corrupt safetensors file: the header accounts for {covered} bytes, the file has {size}")
+    return bad(f"not a usable safetensors file ({err})")
 
 
-def read_tensor(f, info: dict, data_start: int, staging: torch.Tensor | None = None) -> torch.Tensor:
-    """Read one tensor with a plain read (no mmap, so peak memory stays near one copy).
-
-    With a `staging` byte buffer the bytes land there (a view is returned, valid until the next
-    read): converting from it to the compute dtype then costs no fresh allocation per tensor.
-    """
-    dtype = _ST_DTYPES[info["dtype"]]
-    nbytes = info["data_offsets"][1] - info["data_offsets"][0]
-    raw = torch.empty(nbytes, dtype=torch.uint8) if staging is None else staging[:nbytes]
-    f.seek(data_start + info["data_offsets"][0])
-    if nbytes and f.readinto(memoryview(raw.numpy())) != nbytes:
-        raise CheckpointError(f"{f.name}: truncated while reading tensor")
-    return raw.view(dtype).view(info["shape"])
+def read_safetensors_header(path) -> tuple[dict, dict]:
+    """({name: {"dtype": "BF16", "shape": [...]}} in file order, the file's __metadata__), read
+    through the safetensors package (no tensor data is read)."""
+    with open_safetensors(path) as f:
+        names = getattr(f, "offset_keys", f.keys)()
+        slices = {n: f.get_slice(n) for n in names}
+        return {n: {"dtype": s.get_dtype(), "shape": list(s.get_shape())} for n, s in slices.items()}, f.metadata() or {}
 
 
-def checkpoint_files(ckpt_dir) -> list[Path]:
-    """model.safetensors, or the shards listed in model.safetensors.index.json."""
-    ckpt_dir = Path(ckpt_dir)
+def _weight_files(ckpt_dir: Path) -> tuple[list[Path], Path | None, dict | None]:
+    """(files, index, weight_map): model.safetensors, or the shards of model.safetensors.index.json."""
     index = ckpt_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+            weight_map = json.loads(index.read_bytes())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: invalid index ({e!r})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: field weight_map must map tensor names to shard file names")
+        for shard in weight_map.values():
+            if Path(shard).name != shard:
+                raise CheckpointError(f"{index}: shard {shard!r} is not a file name in the checkpoint folder")
         files = [ckpt_dir / name for name in dict.fromkeys(weight_map.values())]
     elif (ckpt_dir / "model.safetensors").is_file():
-        files = [ckpt_dir / "model.safetensors"]
+        index, weight_map, files = None, None, [ckpt_dir / "model.safetensors"]
     else:
         if any(ckpt_dir.glob("*.bin")) or any(ckpt_dir.glob("*.pth")):
             raise CheckpointError(f"{ckpt_dir}: only pickle weights (*.bin/*.pth) found; this project reads "
@@ -511,51 +644,72 @@ def checkpoint_files(ckpt_dir) -> list[Path]:
     for path in files:
         if not path.is_file():
             raise CheckpointError(f"{path}: shard listed in the index is missing")
-    return files
+    return files, index, weight_map
+
+
+def checkpoint_files(ckpt_dir) -> list[Path]:
+    """model.safetensors, or the shards listed in model.safetensors.index.json."""
+    return _weight_files(Path(ckpt_dir))[0]
 
 
 def load_checkpoint(ckpt_dir, device="cpu", dtype=torch.float32) -> Llama:
     """Build the model on the meta device, then assign every checkpoint tensor to its parameter.
 
-    Strict: every tensor of the checkpoint must be a parameter of the model and every parameter
-    must be in the checkpoint, with the same shape; a violation is an error naming the tensor.
+    Strict: every tensor of the checkpoint must be a parameter of the model (a tied head's
+    redundant lm_head.weight aside), stored once, where the index says, and every parameter must
+    be in the checkpoint with the same shape; a violation is an error naming the file and tensor.
+    config.json, the index and every shard's header are checked before any tensor data is read.
+    Then tensors are read one at a time (safetensors' own reader) and each is converted to
+    `dtype` on `device` as it arrives, so memory holds the model plus one tensor as stored: a
+    bf16 7B checkpoint loaded in float32 never exists as a whole second copy.
     """
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"{ckpt_dir}: checkpoint folder not found")
     cfg = LlamaConfig.from_file(ckpt_dir / "config.json")
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dtype = resolve_dtype(dtype)
+    files, index, weight_map = _weight_files(ckpt_dir)
     model = Llama(cfg, device="meta")
     params = dict(model.named_parameters())           # tied lm_head appears once, as embed_tokens
-    shards = [(path, *read_safetensors_header(path)) for path in checkpoint_files(ckpt_dir)]
-    where = {}                                        # check all headers before reading any data
-    for path, header, _ in shards:
-        for name, info in header.items():
-            if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                continue                              # a redundant copy of a tied head is allowed
-            if name not in params:
-                raise CheckpointError(f"{path}: unknown tensor {name} (not a parameter of this Llama config)")
-            if list(info["shape"]) != list(params[name].shape):
-                raise CheckpointError(f"{path}: tensor {name} has shape {info['shape']}, "
-                                      f"config needs {list(params[name].shape)}")
-            where[name] = path
+    tied_copy = lambda name: name == "lm_head.weight" and cfg.tie_word_embeddings
+    where = {}                                        # every header is checked before any data is read
+    with contextlib.ExitStack() as stack:
+        for path in files:
+            f = stack.enter_context(open_safetensors(path))
+            for name in getattr(f, "offset_keys", f.keys)():
+                target = params["model.embed_tokens.weight"] if tied_copy(name) else params.get(name)
+                if target is None:
+                    raise CheckpointError(f"{path}: unknown tensor {name} (not a parameter of this Llama config)")
+                shape, st_dtype = list(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()
+                if shape != list(target.shape):
+                    raise CheckpointError(f"{path}: tensor {name} has shape {shape}, config.json needs "
+                                          f"{list(target.shape)}")
+                if st_dtype not in _ST_DTYPES:
+                    raise CheckpointError(f"{path}: tensor {name} has dtype {st_dtype}, expected one of "
+                                          f"{', '.join(_ST_DTYPES)}")
+                if name in where:
+                    raise CheckpointError(f"{path}: tensor {name} is stored twice (also in {where[name].name})")
+                if weight_map is not None and weight_map.get(name) != path.name:
+                    said = f"for {weight_map[name]}" if name in weight_map else "nowhere"
+                    raise CheckpointError(f"{path}: tensor {name} is in this shard, {index.name} lists it {said}")
+                where[name] = path
     missing = [n for n in params if n not in where]
     if missing:
-        raise CheckpointError(f"{ckpt_dir}: tensor {missing[0]} is missing from the checkpoint "
-                              f"({len(missing)} missing in all)")
-    biggest = max(i["data_offsets"][1] - i["data_offsets"][0] for _, h, _ in shards for i in h.values())
-    staging = torch.empty(biggest, dtype=torch.uint8)   # one reusable read buffer
-    for path, header, data_start in shards:
-        with open(path, "rb") as f:
-            for name, info in header.items():
-                if where.get(name) != path:
-                    continue
-                if _ST_DTYPES[info["dtype"]] == dtype and torch.device(device).type == "cpu":
-                    t = read_tensor(f, info, data_start)   # same dtype: read straight into its own memory
-                else:
-                    raw = read_tensor(f, info, data_start, staging)
-                    t = torch.empty(raw.shape, dtype=dtype, device=device)
-                    t.copy_(raw)                      # convert to the compute dtype on the way in
+        name, more = missing[0], f"; {len(missing)} missing in all" if len(missing) > 1 else ""
+        file = files[0] if weight_map is None else ckpt_dir / weight_map[name] if name in weight_map else index
+        raise CheckpointError(f"{file}: tensor {name} is missing (config.json needs shape "
+                              f"{list(params[name].shape)}{more})")
+    for name, shard in (weight_map or {}).items():
+        if name not in where:
+            raise CheckpointError(f"{index}: tensor {name} is listed for {shard}, which does not hold it")
+    for path in files:                                # one shard mapped at a time
+        with open_safetensors(path) as f:
+            for name in getattr(f, "offset_keys", f.keys)():
+                if tied_copy(name):
+                    continue                          # a redundant copy of a tied head is not read
+                t = f.get_tensor(name)                # this tensor alone, as stored, in its own memory
+                if t.dtype != dtype or torch.device(device).type != "cpu":
+                    t = torch.empty(t.shape, dtype=dtype, device=device).copy_(t)   # the stored copy goes
                 module_name, _, pname = name.rpartition(".")
                 model.get_submodule(module_name)._parameters[pname] = nn.Parameter(t)
     if cfg.tie_word_embeddings:
@@ -786,7 +940,7 @@ class BPETokenizer(Tokenizer):
     def __init__(self, path):
         import regex
         path = Path(path)
-        d = json.loads(path.read_text(encoding="utf-8"))
+        d = _read_json(path)
         def refuse(field, value):
             raise CheckpointError(f"{path}: unsupported {field} {json.dumps(value)[:200]}")
         model = d.get("model") or {}
@@ -901,6 +1055,25 @@ class BPETokenizer(Tokenizer):
         return self._added_by_content.get(s, self.vocab.get(s))
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(Path(path).read_bytes())
+    except ValueError as e:                       # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def check_vocab_fits(tok, vocab_size, tok_file, config_file="config.json"):
+    """A tokenizer may have fewer ids than the embedding has rows (padded vocabularies are common),
+    never more: its top ids would index past the embedding. vocab_size None (unknown) passes."""
+    if _is_int(vocab_size) and vocab_size > 0 and tok.vocab_size > vocab_size:
+        raise CheckpointError(f"{tok_file}: tokenizer has {tok.vocab_size} ids (0..{tok.vocab_size - 1}), "
+                              f"the model's embedding has {vocab_size} rows ({config_file} vocab_size): "
+                              f"ids {vocab_size} and up would index out of range")
+
+
 def load_tokenizer(ckpt_dir):
     """Tokenizer of a Hugging Face checkpoint folder: tokenizer.json (byte-level BPE) or
     tokenizer.model (SentencePiece; also used when tokenizer.json is a SentencePiece-style one,
@@ -909,19 +1082,21 @@ def load_tokenizer(ckpt_dir):
     d = Path(ckpt_dir)
     if not d.is_dir():
         raise CheckpointError(f"{d}: checkpoint folder not found")
-    if (d / "tokenizer.json").exists():
+    src = d / "tokenizer.json"
+    if src.exists():
         try:
-            tok = BPETokenizer(d / "tokenizer.json")
+            tok = BPETokenizer(src)
         except CheckpointError:
             if not (d / "tokenizer.model").exists():
                 raise
-            tok = SentencePieceTokenizer(d / "tokenizer.model")
+            tok, src = SentencePieceTokenizer(d / "tokenizer.model"), d / "tokenizer.model"
     elif (d / "tokenizer.model").exists():
-        tok = SentencePieceTokenizer(d / "tokenizer.model")
+        tok, src = SentencePieceTokenizer(d / "tokenizer.model"), d / "tokenizer.model"
     else:
         raise CheckpointError(f"{d}: no tokenizer.json or tokenizer.model in this folder")
-    read = lambda name: json.loads((d / name).read_text(encoding="utf-8")) if (d / name).exists() else {}
+    read = lambda name: _read_json(d / name) if (d / name).exists() else {}
     tcfg, cfg = read("tokenizer_config.json"), read("config.json")
+    check_vocab_fits(tok, cfg.get("vocab_size"), src, d / "config.json")
     for name in ("bos", "eos", "pad"):
         if f"{name}_token" in tcfg:                 # a string, {"content": ...}, or null
             s = tcfg[f"{name}_token"]
@@ -1076,7 +1251,10 @@ def load_model(ckpt_dir, device="cpu", dtype=None) -> Llama:
 
 
 def load(ckpt_dir, device="cpu", dtype=None):
-    """(model, tokenizer) of a checkpoint folder (load_model's dtype rule)."""
+    """(model, tokenizer) of a checkpoint folder (load_model's dtype rule). The cheap checks come
+    first: config.json, then the tokenizer against the embedding's rows, then the weights."""
+    if Path(ckpt_dir).is_dir():
+        LlamaConfig.from_file(Path(ckpt_dir) / "config.json")
     tok = load_tokenizer(ckpt_dir)
     return load_model(ckpt_dir, device, dtype), tok
 

@@ -16,7 +16,8 @@ SCEN work is a setting (`Settings`), `--paper` restores the paper, `--loss code`
 code's loss. Efficiency: layers < l and layer l's gate/up never change, so u of every edited
 prompt is computed once and cached (a neuron trains on a tiny linear problem), and the expert
 trains on the cached input of layer l, running layers l..L only: time per edit stays flat.
-The experts themselves (a full copy, or the compact rank-r W0 + B A) are experts.py.
+An expert is a full copy of W_down (the paper) or, by default, the compact W0 + B A of rank r
+around the untouched original (Settings.expert). Persistence and the command line are harness.py's.
 
   python scen.py                                   # the demo world, end to end, with its table
   python scen.py --ckpt DIR --edits FILE [--loc FILE] [--n 200] [--out OUT] [--resume]
@@ -24,24 +25,20 @@ The experts themselves (a full copy, or the compact rank-r W0 + B A) are experts
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 import data
-import eval as ev
-import experts
+import harness
 import llama
-import train_sft
-from eval import setting
+from harness import setting
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,40 +48,43 @@ from eval import setting
 class Settings:
     method: str = setting("scen", "scen, or ft (fine-tune W_down of layer l in place)", choices=("scen", "ft"))
     layer: int | None = setting(None, "edited layer (default: round(depth * number of layers))")
-    depth: float = setting(0.8, "default layer's depth fraction (paper: 20/32; 0.8 measured better on SmolLM2)",
-                           gt=0, max=1)
-    theta: float = setting(0.65, "routing threshold (eq. 11)", gt=0, lt=1)
-    expert: str = setting("lowrank", "full: a whole copy of W_down per edit (the paper); lowrank: W_down + B A of "
-                                     "rank expert_rank, (D + F) * rank numbers per edit", choices=("full", "lowrank"))
-    expert_rank: int = setting(4, "rank of a lowrank expert", min=1)
-    expert_lr: float | None = setting(None, "expert Adam lr (paper/code: 1e-4; default 1e-3 for a full expert, 1e-2 "
-                                            "for lowrank: the same steps to converge, measured on ZsRE train-1k)", gt=0)
-    expert_steps: int = setting(60, "expert steps (paper: exactly 10); a cap with expert_until", min=0)
-    expert_until: bool = setting(True, "true/false: stop when every target token is argmax and NLL < expert_nll")
+    depth: float = setting(0.8, "default layer's depth fraction (paper: layer 20 of Llama-2-7B's 32, 0.625; "
+                                "default 0.8)", gt=0, max=1)
+    theta: float = setting(0.65, "routing threshold (eq. 11; paper: 0.65)", gt=0, lt=1)
+    expert: str = setting("lowrank", "full: a whole copy of W_down per edit (paper); lowrank: W_down + B A of rank "
+                                     "expert_rank, (D + F) * rank numbers per edit (default)", choices=("full", "lowrank"))
+    expert_rank: int = setting(4, "rank of a lowrank expert (not in the paper; default 4)", min=1)
+    expert_lr: float | None = setting(None, "expert Adam lr (paper: 1e-4; default 1e-3 for a full expert, 1e-2 for "
+                                            "lowrank)", gt=0)
+    expert_steps: int = setting(60, "expert steps (paper: exactly 10; default 60, a cap with expert_until)", min=0)
+    expert_until: bool = setting(True, "true/false: stop when every target token is argmax and NLL < expert_nll "
+                                       "(paper: false)")
     expert_nll: float = setting(0.1, "expert_until's mean NLL bound", gt=0)
-    loss: str = setting("paper", "paper: eq. 5-8; code: the official code's variant", choices=("paper", "code"))
-    alpha: float = setting(0.7, "eq. 6's alpha")
-    beta: float = setting(0.3, "eq. 7's beta")
-    m: float = setting(1.0, "weight of the negative terms in eq. 8", min=0)
-    neuron_lr: float = setting(3e-2, "neuron Adam lr (paper/code: 1e-4; 1e-2 -> 3e-2: Rel 98.5 -> 100 at 200 edits)",
-                               gt=0)
-    neuron_steps: int = setting(1500, "neuron steps (paper: exactly 20); a cap with neuron_until (400 -> 1500: "
-                                      "Loc 90.6 -> 95.3 at 200 edits)", min=0)
-    neuron_until: bool = setting(True, "true/false: train until own a > theta+pos_margin, negatives < theta-neg_margin")
-    pos_margin: float = setting(0.2, "own activation must exceed theta by this", min=0)
-    neg_margin: float = setting(0.3, "negatives must stay below theta by this", min=0)
-    features: str = setting("center-norm", "neuron input f(u): raw (paper), u - mean unrelated u, or that normalised",
-                            choices=("raw", "center", "center-norm"))
-    neuron_init: str = setting("random", "nn.Linear's init (paper), or proto: w = c f(u_t)",
+    loss: str = setting("paper", "paper: eq. 5-8 (default); code: the official code's variant",
+                        choices=("paper", "code"))
+    alpha: float = setting(0.7, "eq. 6's alpha (paper: 0.7)")
+    beta: float = setting(0.3, "eq. 7's beta (paper: 0.3)")
+    m: float = setting(1.0, "weight of the negative terms in eq. 8 (paper: 1)", min=0)
+    neuron_lr: float = setting(3e-2, "neuron Adam lr (paper: 1e-4; default 3e-2)", gt=0)
+    neuron_steps: int = setting(1500, "neuron steps (paper: exactly 20; default 1500, a cap with neuron_until)", min=0)
+    neuron_until: bool = setting(True, "true/false: train until own a > theta+pos_margin, negatives < theta-neg_margin "
+                                       "(paper: false)")
+    pos_margin: float = setting(0.2, "neuron_until: own activation must exceed theta by this (not in the paper)", min=0)
+    neg_margin: float = setting(0.3, "neuron_until: negatives must stay below theta by this (not in the paper)", min=0)
+    features: str = setting("center-norm", "neuron input f(u): raw (paper), u - mean unrelated u, or that normalised "
+                                           "(default)", choices=("raw", "center", "center-norm"))
+    neuron_init: str = setting("random", "nn.Linear's init (paper, default), or proto: w = c f(u_t)",
                                choices=("random", "proto"))
-    pool: str = setting("mean", "u at the last prompt token (paper) or mean over the prompt", choices=("last", "mean"))
-    bias: bool = setting(True, "true/false: the neuron gets a bias (paper: none)")
-    unrelated_neg: bool = setting(True, "true/false: unrelated prompts are negatives (paper: earlier edits only)")
+    pool: str = setting("mean", "u at the last prompt token (paper) or mean over the prompt (default)",
+                        choices=("last", "mean"))
+    bias: bool = setting(True, "true/false: the neuron gets a bias (paper: none; default true)")
+    unrelated_neg: bool = setting(True, "true/false: unrelated prompts are negatives (paper: earlier edits only; "
+                                        "default true)")
     own_neg: str = setting("none", "negatives made from each edit (kept for all later neurons): relations = its "
                                    "subject asked other relations (data.other_relation_prompts), prefixes = its "
                                    "prompt cut after earlier sentences (a passage); none: the paper",
                            choices=("none", "relations", "prefixes"))
-    retrain: bool = setting(True, "true/false: retrain an old neuron that fires on a new edit")
+    retrain: bool = setting(True, "true/false: retrain an old neuron that fires on a new edit (paper: false)")
     seed: int = setting(0, "seed of the neurons' initialisation")
 
 
@@ -133,9 +133,9 @@ def index_loss(a_t, a_neg, alpha: float, beta: float, m: float, code: bool = Fal
 # ----------------------------------------------------------------------------------------------
 # 3. Routing (eq. 9-12) and the routed down projection
 
-def merge_neurons(neurons: list[torch.Tensor]) -> torch.Tensor:
-    """Eq. 9: W_merge = [w_1, ..., w_t], one row per edit (t, h)."""
-    return torch.stack(neurons) if neurons else torch.zeros(0)
+def merge_neurons(W_merge, b, w_t, b_t):
+    """Eq. 9: W_merge = [w_1; ...; w_t], one row per edit (t, h): neuron t appended as row t (and its bias)."""
+    return torch.cat([W_merge, w_t[None]]), torch.cat([b, b_t[None]])
 
 
 def neuron_logits(feats, W_merge, b):
@@ -180,6 +180,35 @@ def pool(u, pos, mask, kind: str):
     return (u * keep).sum(1) / keep.sum(1)
 
 
+# The experts (sec. 3.2) as values: a full W_down (D, F), or the compact LowRank (A, B) ----------
+
+class LowRank(NamedTuple):
+    """A compact expert: the edit's W_down is W0 + B A, B (D, r), A (r, F); only A and B are stored."""
+    A: torch.Tensor
+    B: torch.Tensor
+
+
+def expert_output(e, u: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+    """The expert's down projection of u, given base_out = u W0^T: x W0^T + (x A^T) B^T for a
+    LowRank (no (D, F) matrix built), u W_e^T for a full expert."""
+    if isinstance(e, LowRank):
+        return base_out + F.linear(F.linear(u, e.A.to(u.dtype)), e.B.to(u.dtype))
+    return F.linear(u, e.to(u.dtype))
+
+
+def expert_tensors(e) -> dict:
+    """The expert as a safetensors dict ({"A", "B"} or {"weight"})."""
+    return e._asdict() if isinstance(e, LowRank) else {"weight": e}
+
+
+def expert_from_tensors(t: dict):
+    return LowRank(t["A"], t["B"]) if "A" in t else t["weight"]
+
+
+def expert_nbytes(e) -> int:
+    return sum(x.numel() * x.element_size() for x in expert_tensors(e).values())
+
+
 class RoutedDown(nn.Module):
     """Layer l's down projection with experts. The choice of each row is made once per query, at
     the row's last prompt token (positions given by `route_at`; the last position otherwise) on a
@@ -212,12 +241,55 @@ class RoutedDown(nn.Module):
         for c in self.choice.unique().tolist():
             if c >= 0:
                 rows = (self.choice == c).nonzero()[:, 0]
-                out[rows] = experts.output(self.experts[c], u[rows], out[rows])
+                out[rows] = expert_output(self.experts[c], u[rows], out[rows])
         return out
 
 
 # ----------------------------------------------------------------------------------------------
 # 4. Stage 1 (sec. 3.2): the expert; Stage 2 (sec. 3.3): the indexing neuron
+
+class Expert(nn.Module):
+    """A trainable copy of W_down (used while training a full expert, and for FT)."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
+
+    def result(self):
+        return self.weight.detach()
+
+
+class LowRankExpert(nn.Module):
+    """A trainable W0 + B A around the original W_down (left untouched): B starts at zero, so
+    training starts from the original layer exactly; A starts small and random (seeded)."""
+
+    def __init__(self, weight0, rank: int, generator=None):
+        super().__init__()
+        D, F_ = weight0.shape
+        self.weight0 = weight0
+        self.A = nn.Parameter(torch.randn(rank, F_, generator=generator).to(weight0.device) / math.sqrt(F_))
+        self.B = nn.Parameter(torch.zeros(D, rank, device=weight0.device))
+
+    def forward(self, x):
+        return F.linear(x, self.weight0.to(x.dtype)) + F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype))
+
+    def result(self):
+        return LowRank(self.A.detach(), self.B.detach())
+
+
+@contextlib.contextmanager
+def swapped(model, layer: int, module: nn.Module):
+    """Temporarily put `module` in place of layer `layer`'s down projection."""
+    mlp = model.layers[layer].mlp
+    old, mlp.down_proj = mlp.down_proj, module
+    try:
+        yield
+    finally:
+        mlp.down_proj = old
+
 
 @torch.no_grad()
 def layer_inputs(model, layer: int, ids: list[int], base: nn.Module, pos: int = -1, kind: str = "last"):
@@ -226,9 +298,9 @@ def layer_inputs(model, layer: int, ids: list[int], base: nn.Module, pos: int = 
     tr = llama.Trace()
     x = torch.tensor([ids], device=model.device)
     h0 = model.embed(x)
-    with experts.swapped(model, layer, base):
+    with swapped(model, layer, base):
         model.run_layers(h0, 0, layer + 1, trace=tr)
-    h_l = tr.hidden[layer - 1] if layer > 0 else h0
+    h_l = tr.block_input(layer)                           # (1, T, D)
     u = tr.ffn_in[layer]
     return h_l, pool(u, torch.tensor([pos % u.shape[1]], device=u.device), None, kind).float()[0]
 
@@ -239,13 +311,13 @@ def train_expert(model, layer: int, h_l, ids: list[int], target_start: int, weig
     ids[target_start:] follow the prompt: mean cross-entropy on the target tokens (end token
     included), Adam, running layers l..L only on the cached block input h_l.
     Returns (weight or LowRank(A, B), steps, final loss)."""
-    expert = experts.LowRankExpert(weight0.detach(), s.expert_rank, generator) if lowrank else \
-        experts.Expert(weight0.detach().to(h_l.dtype).clone())
+    expert = LowRankExpert(weight0.detach(), s.expert_rank, generator) if lowrank else \
+        Expert(weight0.detach().to(h_l.dtype).clone())
     opt = torch.optim.Adam(expert.parameters(), lr=s.expert_lr)
     pos = torch.arange(target_start - 1, len(ids) - 1, device=h_l.device)
     tgt = torch.tensor(ids[target_start:], device=h_l.device)
     L, steps, loss = model.config.num_hidden_layers, 0, None
-    with experts.swapped(model, layer, expert):
+    with swapped(model, layer, expert):
         while True:
             logits = model.head(model.run_layers(h_l, layer, L)[0, pos]).float()       # (n, V)
             loss = F.cross_entropy(logits, tgt)
@@ -294,7 +366,7 @@ def train_neuron(f_t, f_neg, s: Settings, w0=None, b0=None, generator=None):
 # ----------------------------------------------------------------------------------------------
 # 5. The editor: sequential edits, routing hook, persistence
 
-class Editor(ev.Editor):
+class Editor(harness.Editor):
     """Sequential SCEN (or FT) edits of one layer of a llama.Llama:
 
         ed = scen.Editor(model, tokenizer, Settings(), template="auto", unrelated=[questions])
@@ -320,7 +392,7 @@ class Editor(ev.Editor):
         model.requires_grad_(False)
         self.base = model.layers[s.layer].mlp.down_proj
         if unrelated is None and tokenizer is None:
-            raise ev.RunError("unrelated prompts are needed when no tokenizer is given (token ids)")
+            raise harness.RunError("unrelated prompts are needed when no tokenizer is given (token ids)")
         if s.method == "ft":                       # FT has no neurons: no unrelated prompts to write or encode
             unrelated = []
         self.unrelated = list(data.model_questions(model, tokenizer, self.template, N_UNRELATED, seed=s.seed)
@@ -334,16 +406,16 @@ class Editor(ev.Editor):
         super().check_settings(s, config)
         L = config.num_hidden_layers
         if s.layer is not None and not 0 <= s.layer < L:
-            raise ev.RunError(f"layer {s.layer} is out of range: the model has layers 0..{L - 1}")
+            raise harness.RunError(f"layer {s.layer} is out of range: the model has layers 0..{L - 1}")
 
     def restore(self):
         """The original down projection back in the model (its logits are the unedited model's, bit
         for bit) and no edits; the next edit starts again from edit 1."""
         self.model.layers[self.s.layer].mlp.down_proj = self.base
         self.mu = self.U_unrel.mean(0) if len(self.U_unrel) else None
-        self.U, self.U_own, self.log, self.saved_n = [], [], [], {}
+        self.U, self.U_own, self.log, self._parts_saved = [], [], [], {}
         self.router = RoutedDown(self.base, self.s, self.mu) if self.s.method == "scen" else None
-        self.ft = experts.Expert(self.base.weight.detach().float().clone()) if self.s.method == "ft" else None
+        self.ft = Expert(self.base.weight.detach().float().clone()) if self.s.method == "ft" else None
 
     def prompt_features(self, prompts: list[list[int]]) -> torch.Tensor:
         """u of each prompt (ids), pooled as the router pools it, with the original W_down: (n, h)."""
@@ -360,7 +432,7 @@ class Editor(ev.Editor):
     def check(self, records):
         super().check(records)
         if self.template.end_id(self.tokenizer) is None:
-            raise ev.RunError("the tokenizer has no end token (EOS): the expert learns target + end token")
+            raise harness.RunError("the tokenizer has no end token (EOS): the expert learns target + end token")
 
     @classmethod
     def subject_needed(cls, settings) -> bool:
@@ -428,7 +500,7 @@ class Editor(ev.Editor):
         gen = torch.Generator().manual_seed(s.seed * 1_000_003 + t)
         f_t = self.feats(u)
         w, b, steps = train_neuron(f_t, self.negatives(exclude=t), s, generator=gen)
-        r.W, r.b = torch.cat([r.W, w[None]]), torch.cat([r.b, b[None]])
+        r.W, r.b = merge_neurons(r.W, r.b, w, b)
         retrained = []
         if s.retrain and t > 0:
             a_old = neuron_activations(f_t[None], r.W[:t], r.b[:t])[0]
@@ -456,60 +528,37 @@ class Editor(ev.Editor):
         c = None if self.router is None or self.router.choice is None else self.router.choice[0].item()
         return None if c is None else f"[routed to expert {c + 1}]" if c >= 0 else "[no expert fired: original weights]"
 
-    # -- persistence: OUT/unrelated.safetensors (once), experts/expert_00001.safetensors ...,
-    #    state_0000t.safetensors, scen.json ---------------------------------------------------------
-    def save(self, out):
-        """Commit edit t to OUT as a whole: the experts made since the last save there and a new
-        state file (W_merge, b and the edits' cached features, or FT's weight) under new names, then
-        scen.json (settings, template, log, the state file's name) as the manifest, written last;
-        then what the manifest does not name (an older state, experts past t) is removed. The
-        unrelated prompts' features never change: they are written once."""
-        out, t = Path(out), len(self.log)
-        if not (out / "unrelated.safetensors").exists():
-            llama.write_safetensors(out / "unrelated.safetensors", {"U_unrel": self.U_unrel})
+    # -- the state (harness.write_state keeps it): the unrelated features (once), one part per
+    #    expert (written once each), and W_merge, b, the edits' cached features (or FT's weight) --
+    part_name = "expert"
+
+    def to_state(self) -> dict:
         tensors = {"U": torch.stack(self.U) if self.U else self.U_unrel[:0],
                    "U_own": torch.stack(self.U_own) if self.U_own else self.U_unrel[:0]}
         scen = self.router is not None
         tensors.update({"W": self.router.W, "b": self.router.b} if scen else {"weight": self.ft.weight})
-        for k in range(self.saved_n.get(str(out), 0), t if scen else 0):
-            llama.write_safetensors(out / "experts" / f"expert_{k + 1:05d}.safetensors",
-                                    experts.tensors(self.router.experts[k]))
-        state = f"state_{t:05d}.safetensors"
-        llama.write_safetensors(out / state, tensors)
-        llama.write_json(out / "scen.json", {"settings": asdict(self.s), "template": [self.template.kind,
-                         self.template.system], "unrelated": self.unrelated, "state": state, "log": self.log})
-        self.saved_n[str(out)] = t
-        for f in [*out.glob("state_*.safetensors"), *out.glob("experts/expert_*.safetensors")]:
-            if (f.name != state and f.parent == out) or (f.parent != out and int(f.stem[7:]) > t):
-                f.unlink()
-
-    @classmethod
-    def saved(cls, out) -> bool:
-        return (Path(out) / "scen.json").exists()
+        return {"tensors": tensors, "once": {"U_unrel": self.U_unrel},
+                "parts": [expert_tensors(e) for e in self.router.experts] if scen else [],
+                "meta": {"settings": asdict(self.s), "template": [self.template.kind, self.template.system],
+                         "unrelated": self.unrelated, "log": self.log}}
 
     def expert_bytes(self) -> int:
         """Bytes of the experts held (what one more edit adds, times the edits)."""
-        return sum(experts.nbytes(e) for e in (self.router.experts if self.router else []))
+        return sum(expert_nbytes(e) for e in (self.router.experts if self.router else []))
 
     @classmethod
-    def load(cls, out, model, tokenizer=None):
-        """The editor saved in OUT, on `model` (the unedited checkpoint the edits were made on)."""
-        out = Path(out)
-        st = json.loads((out / "scen.json").read_text())
-        ed, s, t = cls.__new__(cls), Settings(**st["settings"]), len(st["log"])
-        ev.Editor.__init__(ed, model, tokenizer, data.Template(*st["template"]))
+    def from_state(cls, model, tokenizer, st):
+        meta, x, ed = st["meta"], st["tensors"], cls.__new__(cls)
+        s = Settings(**meta["settings"])
+        harness.Editor.__init__(ed, model, tokenizer, data.Template(*meta["template"]))
         model.requires_grad_(False)
-        ed.s, ed.base, ed.unrelated = s, model.layers[s.layer].mlp.down_proj, st["unrelated"]
-        dev = str(model.device)
-        x = load_file(str(out / st["state"]), device=dev)
-        ed.U_unrel = load_file(str(out / "unrelated.safetensors"), device=dev)["U_unrel"]
+        ed.s, ed.base, ed.unrelated = s, model.layers[s.layer].mlp.down_proj, meta["unrelated"]
+        ed.U_unrel = st["once"]["U_unrel"]
         ed.restore()
-        ed.log, ed.U, ed.saved_n = st["log"], list(x["U"]), {str(out): t}
-        ed.U_own = list(x["U_own"]) if "U_own" in x else []        # folders saved before own_neg existed
+        ed.log, ed.U, ed.U_own = meta["log"], list(x["U"]), list(x["U_own"])
         if s.method == "scen":
             ed.router.W, ed.router.b = x["W"], x["b"]
-            ed.router.experts = [experts.from_tensors(load_file(str(out / "experts" / f"expert_{k:05d}.safetensors"),
-                                                                device=dev)) for k in range(1, t + 1)]
+            ed.router.experts = [expert_from_tensors(p) for p in st["parts"]]
         else:
             ed.ft.weight.data.copy_(x["weight"])
         ed.install()
@@ -520,14 +569,13 @@ class Editor(ev.Editor):
     def add_inputs(cls, g):
         g.add_argument("--unrelated", help="records whose prompts centre the features and serve as "
                        "negatives: give ~1000 prompts of the kind the model will be asked (e.g. its SFT "
-                       "set; Locality 75 with 64, 95 with 900 after 200 edits); default: 1000 questions the model "
-                       "writes itself (data.model_questions)")
+                       "set); default: 1000 questions the model writes itself (data.model_questions)")
         g.add_argument("--n-unrelated", type=int, help="use only the first N records of --unrelated")
 
     @classmethod
     def inputs_from(cls, args, records) -> dict:
         if args.n_unrelated is not None and (args.n_unrelated < 1 or not args.unrelated):
-            raise ev.RunError(f"--n-unrelated {args.n_unrelated}: needs --unrelated and N >= 1")
+            raise harness.RunError(f"--n-unrelated {args.n_unrelated}: needs --unrelated and N >= 1")
         if not args.unrelated:
             return {"unrelated": None}                         # the model writes them (data.model_questions)
         edit_prompts = {r.prompt for r in records}
@@ -536,30 +584,19 @@ class Editor(ev.Editor):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Command line: the run harness of eval.py, and the demo
+# 6. `python scen.py`: the demo (unedited vs FT vs SCEN on the demo world's QA edits). Its settings
+# were chosen on the demo world of seed 1 and are reported on seed 0's: a 6-layer model needs
+# sharper experts and a higher threshold than SmolLM2.
 
-# The demo model's settings, chosen on the demo world of seed 1 (Rel / Gen / Loc 96.7 / 81.7 / 93.9
-# there; the defaults: 63.3 / 48.3 / 92.4) and reported on seed 0's: a 6-layer model needs sharper
-# experts and a higher threshold than SmolLM2.
-DEMO = ["--expert-lr", "1e-2", "--expert-steps", "200", "--theta", "0.9", "--pos-margin", "0.05",
-        "--neuron-steps", "5000"]
-
-
-def demo(log=ev.say):
-    """`python scen.py`: the demo world's QA edits, unedited vs FT vs SCEN."""
-    p = train_sft.ensure_demo(log=log)
-    base = ["--ckpt", str(p["ckpt"]), "--edits", str(p["edits_qa"]), "--loc", str(p["loc_qa"]), "--template", "llama2",
-            "--unrelated", str(p["unrelated_qa"]), "--threads", "1", *DEMO]        # a tiny model: one thread
-    figs = dict(ev.run(Editor, base + ["--method", "ft"], log=lambda *_: None).sections)
-    figs["scen"] = ev.run(Editor, base + ["--no-baseline"], log=lambda *_: None).sections["scen"]
-    log(f"demo: {len(data.load_edits(p['edits_qa']))} sequential QA edits, tiny demo model")
-    log(ev.side_by_side(figs, ("Reliability", "Generality", "Locality")))
-    return figs
+DEMO_FLAGS = ["--ckpt", "{ckpt}", "--edits", "{edits_qa}", "--loc", "{loc_qa}", "--template", "llama2",
+              "--unrelated", "{unrelated_qa}", "--threads", "1", "--expert-lr", "1e-2", "--expert-steps", "200",
+              "--theta", "0.9", "--pos-margin", "0.05", "--neuron-steps", "5000"]
+DEMO = harness.Demo("qa", [DEMO_FLAGS + ["--method", "ft"], DEMO_FLAGS], ("Reliability", "Generality", "Locality"),
+                    "demo: {n} sequential QA edits, tiny demo model")
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    return ev.run(Editor, argv) if argv else demo()
+    return harness.main(Editor, argv, DEMO)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import eval as evaluation  # noqa: E402
+import harness  # noqa: E402
 import llama  # noqa: E402
 import nse  # noqa: E402
 
@@ -127,7 +128,7 @@ def run(args):
         ed = nse.Editor(model, tok, settings, template="raw", stats_text=args.stats_text, cache_dir=args.cache_dir)
     if res is None:
         res = {"method": args.method, "ckpt": str(args.ckpt), "edits": str(args.edits), "n": args.n,
-               "batch_size": args.batch_size, "records_digest": evaluation.digest([r.prompt for r in records]),
+               "batch_size": args.batch_size, "records_digest": harness.digest([r.prompt for r in records]),
                "machine": machine(args.threads), "protocol": {
                    "E/G/S": "eval.evaluate_counterfact: mean per-token NLL comparison (ROME/NSE), on the edits so far "
                    f"(every k-th of them, at most {args.eval_max}, before the end; all of them at the end)",
@@ -252,7 +253,7 @@ def main():
     p.add_argument("--eval-max", type=int, default=200, help="before the end, E/G/S on every k-th edit so far, "
                    "at most this many (all edits at the end)")
     p.add_argument("--stats-text", default=str(SHARED / "data/wikitext/wikitext-2-raw-test.txt"), help="C0 corpus")
-    p.add_argument("--cache-dir", default=nse.CACHE_DIR, help="C0 cache")
+    p.add_argument("--cache-dir", default=harness.CACHE_DIR, help="C0 cache")
     p.add_argument("--ppl-text", default=str(SHARED / "data/wikitext/wikitext-2-raw-test.txt"), help="held-out text")
     p.add_argument("--ppl-chars", type=int, default=60_000, help="characters from the end of --ppl-text")
     p.add_argument("--fluency-n", type=int, default=50, help="prompts for Fluency")

@@ -36,10 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import eval as evaluation  # noqa: E402
+import harness  # noqa: E402
 import llama  # noqa: E402
-import memit  # noqa: E402
 import nse  # noqa: E402
-import stats  # noqa: E402
 
 REF = ROOT.parent / "shared" / "peers" / "nse_reference.py"
 
@@ -87,9 +86,9 @@ def scale(args, records, log):
     mark("load")
     layers = ([int(x) for x in args.scale_layers.split(",")] if args.scale_layers
               else nse.default_layers(model.config.num_hidden_layers))
-    templates = memit.context_templates(model, tok, args.seed, n=args.scale_contexts) if args.scale_contexts else ["{}"]
+    templates = nse.context_templates(model, tok, args.seed, n=args.scale_contexts) if args.scale_contexts else ["{}"]
     t = time.perf_counter()
-    C0 = stats.load_or_compute_c0(model, tok, args.stats_text, layers, args.stats_tokens, args.cache_dir, log=log)
+    C0 = harness.load_or_compute_c0(model, tok, args.stats_text, layers, args.stats_tokens, args.cache_dir, nse.key_second_moment, log=log)
     n_tok = args.stats_tokens                     # C0 is read from the cache per layer when used
     t_c0 = time.perf_counter() - t
     mark("c0")
@@ -142,7 +141,7 @@ def zcpu(args, records, log):
     model.requires_grad_(False)
     hp = nse.Settings(layers=[int(x) for x in args.layers.split(",")], v_steps=args.v_steps)
     c0, w0 = time.process_time(), time.perf_counter()
-    _, _, zlog = memit.compute_z(model, tok, records, ctx, hp)
+    _, _, zlog = nse.compute_z(model, tok, records, ctx, hp)
     our_cpu, our_wall = time.process_time() - c0, time.perf_counter() - w0
     n = len(records)
     res = {"edits": n, "threads": torch.get_num_threads(), "templates": ctx,
@@ -241,9 +240,9 @@ def main():
     fl = not args.no_fluency
     eval_at = [int(x) for x in args.eval_at.split(",") if int(x) <= len(records)]
     if args.method == "unedited":
-        templates = memit.context_templates(model, tok, args.seed)
+        templates = nse.context_templates(model, tok, args.seed)
         t = time.perf_counter()
-        C0 = stats.load_or_compute_c0(model, tok, args.stats_text, layers, args.stats_tokens, args.cache_dir, log=log)
+        C0 = harness.load_or_compute_c0(model, tok, args.stats_text, layers, args.stats_tokens, args.cache_dir, nse.key_second_moment, log=log)
         res = {"args": vars(args), "templates": templates, "c0_seconds": time.perf_counter() - t, "rows": {}}
         res["derived_defaults"] = nse.derive_scale_defaults(model, tok, records[:args.batch_size], templates, layers, C0)
         log(f"derived defaults: {res['derived_defaults']}")

@@ -42,6 +42,7 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 import eval as ev  # noqa: E402
+import harness  # noqa: E402
 import llama  # noqa: E402
 import scen  # noqa: E402
 
@@ -294,9 +295,9 @@ class Bench:
         load hits both alike. Reported: medians and their ratio, for edit prompts (routed to an
         expert) and for D_loc prompts (mostly unrouted)."""
         d = Path(self.a.edits_dir)
-        st = json.loads((d / "scen.json").read_text())
         try:
             ed = scen.Editor.load(d, self.model, self.tok)
+            st = harness.read_state(d, "scen", "expert")["meta"]
         except (KeyError, FileNotFoundError) as e:       # a folder written by an older scen.py
             raise SystemExit(f"{d}: scen.Editor.load cannot read these edits ({type(e).__name__}: {e}); "
                              f"they were saved by an older scen.py: make them again with scen.py --out")

@@ -33,7 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import eval as ev  # noqa: E402
-import experts  # noqa: E402
 import llama  # noqa: E402
 import scen  # noqa: E402
 
@@ -51,7 +50,7 @@ def folder_bytes(p: Path) -> int:
 
 def latency_ratio(ed, tok, tpl, prompts, rounds: int = 3) -> dict:
     """Median seconds for 10 greedy tokens, batch 1, with the experts and with the original down
-    projection (experts.swapped), alternating per query so a changing machine load hits both alike."""
+    projection (scen.swapped), alternating per query so a changing machine load hits both alike."""
     with_e, without = [], []
     for _ in range(rounds):
         for q in prompts:
@@ -61,7 +60,7 @@ def latency_ratio(ed, tok, tpl, prompts, rounds: int = 3) -> dict:
                 if routed:
                     ed.generate_ids([ids], 10, eos_ids=[])
                 else:
-                    with experts.swapped(ed.model, ed.s.layer, ed.base):
+                    with scen.swapped(ed.model, ed.s.layer, ed.base):
                         llama.generate(ed.model, [ids], 10, eos_ids=[])
                 (with_e if routed else without).append(time.perf_counter() - t)
     a, b = statistics.median(with_e), statistics.median(without)

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from conftest import edit_files
 
+import harness
 import llama
 import nse
 import scen
@@ -60,11 +61,11 @@ def snapshot(method, out):
     res = json.loads((out / "results.json").read_text())["results"]
     figs = {s: {k: v["value"] for k, v in f.items() if not k.startswith("s/edit")} for s, f in res.items()}
     if method == "scen":
-        st = json.loads((out / "scen.json").read_text())
-        tensors = load_file(str(out / st["state"]))
+        st = harness.read_state(out, "scen", "expert")
+        tensors = dict(st["tensors"])
         tensors.update({f"{p.name}.{k}": v for p in sorted((out / "experts").iterdir())
                         for k, v in load_file(str(p)).items()})               # weight, or lowrank A and B
-        return figs, clean(st["log"]), tensors
+        return figs, clean(st["meta"]["log"]), tensors
     from safetensors import safe_open
     with safe_open(str(out / "nse_state.safetensors"), "pt") as f:
         log = json.loads(f.metadata()["state"])["log"]

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import ROOT, edit_files
 
-import eval as ev
+import harness
 import llama
 import nse
 import scen
@@ -69,9 +69,9 @@ def test_bad_checkpoint_is_one_line_for_every_command(files):
 
 
 def test_settings_bounds_hold_in_python_too():
-    with pytest.raises(ev.RunError, match="v_steps 0: must be >= 1"):
-        ev.check_bounds(nse.Settings(v_steps=0))
-    with pytest.raises(ev.RunError, match="method 'rome': must be one of nse, memit"):
-        ev.check_bounds(nse.Settings(method="rome"))
-    ev.check_bounds(nse.Settings())
-    ev.check_bounds(scen.Settings())
+    with pytest.raises(harness.RunError, match="v_steps 0: must be >= 1"):
+        harness.check_bounds(nse.Settings(v_steps=0))
+    with pytest.raises(harness.RunError, match="method 'rome': must be one of nse, memit"):
+        harness.check_bounds(nse.Settings(method="rome"))
+    harness.check_bounds(nse.Settings())
+    harness.check_bounds(scen.Settings())

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import data  # noqa: E402
 import eval as ev  # noqa: E402
+import harness  # noqa: E402
 import llama  # noqa: E402
 from data import EditRecord, Template  # noqa: E402
 
@@ -232,7 +233,7 @@ def test_prepare_hook_sees_prompt_end_and_generation_matches_llama():
 # Report and CLI
 # ---------------------------------------------------------------------------------------------
 def test_report_write(tmp_path):
-    r = ev.Report("t", {"a": 1})
+    r = harness.Report("t", {"a": 1})
     with r.timer("x"):
         pass
     r.add("s", {"Efficacy": ev.metric(50.0, "proto", 2)})
@@ -254,7 +255,7 @@ def test_cli_on_tiny_checkpoint(tmp_path, capsys):
     qa = tmp_path / "qa.jsonl"
     data.save_jsonl([EditRecord("Where was Ada born?", "Paris", rephrases=["Where was Ada born?"],
                                 locality=[("Who does Bob work for?", "Acme Labs")])], qa)
-    rep = ev.main(["--ckpt", str(tmp_path / "ck"), "--data", str(qa), "--out", str(tmp_path / "o"),
+    rep = harness.eval_main(["--ckpt", str(tmp_path / "ck"), "--data", str(qa), "--out", str(tmp_path / "o"),
                    "--max-new-tokens", "4"])
     assert set(rep.sections["unedited"]) >= {"Reliability (gen)", "Reliability (tf)", "Locality (gen)"}
     assert rep.args["template_used"] == "llama2"
@@ -262,18 +263,18 @@ def test_cli_on_tiny_checkpoint(tmp_path, capsys):
     cf = tmp_path / "cf.jsonl"
     data.save_jsonl([EditRecord("Ada was born in", "Paris", "Rome", "Ada", ["Ada is from"],
                                 [("Bob was born in", "Rome")])], cf)
-    rep = ev.main(["--ckpt", str(tmp_path / "ck"), "--data", str(cf), "--no-fluency"])
+    rep = harness.eval_main(["--ckpt", str(tmp_path / "ck"), "--data", str(cf), "--no-fluency"])
     assert set(rep.sections["unedited"]) == {"Efficacy", "Generalization", "Specificity"}
     hall = tmp_path / "hall.json"
     hall.write_text(json.dumps([{"text": "Ada was born in Paris.", "labels": "Bob works for Acme Labs.",
                                  "concept": "ada"}, {"text": "hello world. (band) .NET"}]))
-    rep = ev.main(["--ckpt", str(tmp_path / "ck"), "--data", str(hall)])
+    rep = harness.eval_main(["--ckpt", str(tmp_path / "ck"), "--data", str(hall)])
     ppl = rep.sections["unedited"]["PPL"]
     assert len(ppl["per_sample"]) == 2 and ppl["value"] == pytest.approx(sum(ppl["per_sample"]) / 2)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "target_new": ""}\n')
     with pytest.raises(SystemExit, match=r"bad\.jsonl:1: target_new: empty target"):
-        ev.main(["--ckpt", str(tmp_path / "ck"), "--data", str(bad)])
+        harness.eval_main(["--ckpt", str(tmp_path / "ck"), "--data", str(bad)])
 
 
 def test_relation_specificity_is_100_unedited_and_drops_when_the_subject_key_is_overwritten():

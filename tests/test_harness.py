@@ -12,6 +12,7 @@ from conftest import ROOT, tiny_checkpoint
 
 import data
 import eval as ev
+import harness
 import llama
 import nse
 import scen
@@ -116,7 +117,7 @@ def test_out_and_resume_rules_refuse_naming_the_reason(root, tmp_path, monkeypat
 
 
 def test_progress_line_has_rate_and_eta():
-    line = ev.progress(3, 10, 6.0, 0, {"note": "expert 4 steps"})
+    line = harness.progress(3, 10, 6.0, 0, {"note": "expert 4 steps"})
     assert re.match(r"edit 3/10  0\.5\d\d edits/s  ETA 0\.2 min  \| expert 4 steps", line), line
 
 
@@ -132,7 +133,7 @@ def test_readme_python_api_snippet_runs_for_scen_and_nse(root, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(scen, "Settings", functools.partial(scen.Settings, **SCEN_TINY))
     monkeypatch.setattr(nse, "Settings", functools.partial(nse.Settings, **NSE_TINY))
-    monkeypatch.setattr(nse, "CACHE_DIR", str(root / "cache"))
+    monkeypatch.setattr(harness, "CACHE_DIR", str(root / "cache"))
     code = code.replace('"path/to/checkpoint"', repr(str(root / "ckpt")))
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out.splitlines()

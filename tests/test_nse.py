@@ -7,15 +7,14 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import ROOT, edit_files, tiny_model
 
-import alphaedit
 import data
+import harness
 import llama
-import memit
 import nse
-import stats
 
 
 class CharTok:
@@ -77,7 +76,7 @@ def test_restricted_update_is_the_exact_least_squares_solution():
     # a float32 A @ A.T need not be exactly symmetric (it depends on the CPU's gemm kernel), and the
     # Cholesky solve reads one triangle: make both exactly symmetric, as nse.py's C0 and Cp are
     C0, Cp = (C0 + C0.T) / 2, (Cp + Cp.T) / 2
-    dW = memit.solve_update(R, K, C0, Cp, lam)
+    dW = nse.solve_update(R, K, C0, Cp, lam)
     # min ||X K - R||^2 + ||X L||^2 with L L^T = lam C0 + Cp: least squares on stacked columns
     L = torch.linalg.cholesky(lam * C0.double() + Cp.double())
     lhs = torch.cat([K.double(), L], 1).T                         # (n + Fs, Fs)
@@ -112,10 +111,10 @@ def test_z_split_forward_matches_the_plain_forward_and_reaches_its_target():
     model = sharp_model(num_hidden_layers=3).requires_grad_(False)
     recs = [rec("Home of Bob", "Bob", "Q"), rec("Dog Rex", "Dog Rex", "Z")]
     hp = hp_for(model, layers=[0, 1], kl_factor=0.0, v_steps=40)
-    z, h, log = memit.compute_z(model, TOK, recs, TEMPLATES, hp)
+    z, h, log = nse.compute_z(model, TOK, recs, TEMPLATES, hp)
     # h is the plain forward's block-1 output at the subject's last token of the bare prompt
     for i, r in enumerate(recs):
-        ids, s = memit.subject_row(TOK, r.prompt, r.subject)
+        ids, s = nse.subject_row(TOK, r.prompt, r.subject)
         tr = model.forward_trace(torch.tensor([ids]))
         assert torch.allclose(tr.hidden[2][0, s], h[i], atol=1e-5)
         # with z in place of h (a hook on block 1), the plain forward gives the target a small NLL
@@ -147,7 +146,7 @@ def _edit_and_measure(method, identity_prior=False):
     words = "the a cat dog sat ran on in park mat home of boss why not now hello there friend".split()
     lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(320)]
     model = sharp_model(num_hidden_layers=3, intermediate_size=512)
-    C0, n = stats.key_second_moment(model, TOK, "\n".join(lines[:300]), [0, 1], 3000, chunk=50)
+    C0, n = nse.key_second_moment(model, TOK, "\n".join(lines[:300]), [0, 1], 3000, chunk=50)
     if identity_prior:                        # the same update with C0 replaced by a scaled identity
         C0 = {l: torch.eye(512) * c.trace() / 512 for l, c in C0.items()}
     recs = []
@@ -159,7 +158,7 @@ def _edit_and_measure(method, identity_prior=False):
     with torch.no_grad():
         before = model(held).softmax(-1)
     hp = hp_for(model, layers=[0, 1], lam=1.0, method=method, kl_factor=0.0, l2=1e-3)
-    P = {l: alphaedit.null_space_projector(C0[l], C0[l].diagonal().mean().item()) for l in C0}
+    P = {l: nse.null_space_projector(C0[l], C0[l].diagonal().mean().item()) for l in C0}
     state = nse.EditState.fresh(model, [0, 1])
     log = nse.edit_batch(model, TOK, recs, TEMPLATES, hp, state, C0, {}, P)
     with torch.no_grad():
@@ -192,7 +191,7 @@ def _preserved_keys(F=32, rank=20, n=400, seed=0):
 
 def test_null_space_projector_is_idempotent_and_annihilates_the_preserved_keys():
     K0, basis, C0 = _preserved_keys()
-    P = alphaedit.null_space_projector(C0, threshold=1e-8)
+    P = nse.null_space_projector(C0, threshold=1e-8)
     assert torch.allclose(P @ P, P, atol=1e-10) and torch.allclose(P, P.T, atol=1e-12)
     assert round(torch.trace(P).item()) == 32 - 20                     # the null space: the 12 unused directions
     assert (P @ basis).norm() < 1e-5 * basis.norm()                    # the preserved directions are annihilated
@@ -201,27 +200,27 @@ def test_null_space_projector_is_idempotent_and_annihilates_the_preserved_keys()
 
 def test_alphaedit_update_keeps_preserved_outputs_and_moves_the_edited_keys():
     K0, basis, C0 = _preserved_keys()
-    P = alphaedit.null_space_projector(C0, threshold=1e-8)
+    P = nse.null_space_projector(C0, threshold=1e-8)
     g = torch.Generator().manual_seed(1)
     K1 = torch.randn(32, 3, generator=g, dtype=torch.float64)         # new keys, partly outside the preserved span
     R = torch.randn(16, 3, generator=g, dtype=torch.float64)          # residuals z - h they must realise
-    dW = alphaedit.solve_projected_update(R, K1, P, None, l2=1e-6)           # (D, F)
+    dW = nse.solve_projected_update(R, K1, P, None, l2=1e-6)           # (D, F)
     assert dW.shape == (16, 32)
     assert (dW @ K0).norm() < 1e-5 * (dW @ K1).norm()                   # W k0 unchanged (to the keys noise)
     assert (dW @ basis).norm() < 1e-6 * dW.norm()
     assert (dW @ K1 - R).norm() < 1e-3 * R.norm()                      # the edited keys reach their targets
     # MEMIT's update for the same request does move the preserved outputs
-    dW_memit = memit.solve_update(R, K1, C0.clone(), None, 1e-6)
+    dW_memit = nse.solve_update(R, K1, C0.clone(), None, 1e-6)
     assert (dW_memit @ K0).norm() > 10 * (dW @ K0).norm()
     # a larger ridge realises less of the residual; with Cp the earlier keys are held too
-    far = alphaedit.solve_projected_update(R, K1, P, None, l2=10.0)
+    far = nse.solve_projected_update(R, K1, P, None, l2=10.0)
     assert (far @ K1 - R).norm() > (dW @ K1 - R).norm()
 
 
 def test_requests_above_upper_bound_are_reported_not_dropped_silently():
     torch.manual_seed(0)
     model = tiny_model(num_hidden_layers=2)
-    C0, _ = stats.key_second_moment(model, TOK, "abc def ghi " * 100, [0], 500, chunk=40)
+    C0, _ = nse.key_second_moment(model, TOK, "abc def ghi " * 100, [0], 500, chunk=40)
     recs = [rec("Kim Lo works at", "Kim Lo", "Zeta", "Beta")]
     state = nse.EditState.fresh(model, [0])
     w = model.layers[0].mlp.down_proj.weight.detach().clone()
@@ -238,20 +237,20 @@ def test_c0_cache_reuses_and_invalidates(tmp_path):
     text.write_text("the cat sat on the mat\n" * 40)
     cache = tmp_path / "cache"
     logs = []
-    a = stats.load_or_compute_c0(model, TOK, text, [0, 1], 300, cache, chunk=64, log=logs.append)
+    a = harness.load_or_compute_c0(model, TOK, text, [0, 1], 300, cache, nse.key_second_moment, chunk=64, log=logs.append)
     assert len(logs) == 1 and len(list(cache.glob("*.safetensors"))) == 2
-    b = stats.load_or_compute_c0(model, TOK, text, [0, 1], 300, cache, chunk=64, log=logs.append)
+    b = harness.load_or_compute_c0(model, TOK, text, [0, 1], 300, cache, nse.key_second_moment, chunk=64, log=logs.append)
     assert len(logs) == 1 and torch.equal(a[1], b[1])              # cached, identical
-    stats.load_or_compute_c0(model, TOK, text, [0, 1], 200, cache, chunk=64, log=logs.append)
+    harness.load_or_compute_c0(model, TOK, text, [0, 1], 200, cache, nse.key_second_moment, chunk=64, log=logs.append)
     assert len(logs) == 2                                          # another token count: recomputed
     text.write_text("a dog ran in the park\n" * 40)
-    stats.load_or_compute_c0(model, TOK, text, [0], 300, cache, chunk=64, log=logs.append)
+    harness.load_or_compute_c0(model, TOK, text, [0], 300, cache, nse.key_second_moment, chunk=64, log=logs.append)
     assert len(logs) == 3                                          # another corpus
     with torch.no_grad():
         model.layers[0].mlp.up_proj.weight.mul_(1.5)               # other weights below layer 1
-    c = stats.load_or_compute_c0(model, TOK, text, [1], 300, cache, chunk=64, log=logs.append)
+    c = harness.load_or_compute_c0(model, TOK, text, [1], 300, cache, nse.key_second_moment, chunk=64, log=logs.append)
     assert len(logs) == 4 and not torch.allclose(c[1], b[1])
-    d = stats.load_or_compute_c0(model, TOK, text, [1], 300, cache, chunk=64, log=logs.append, keep_bytes=0)
+    d = harness.load_or_compute_c0(model, TOK, text, [1], 300, cache, nse.key_second_moment, chunk=64, log=logs.append, keep_bytes=0)
     assert len(logs) == 4 and dict.__len__(d) == 0 and 1 in d       # above keep_bytes: read per use
     assert torch.equal(d[1], c[1]) and d[1] is not d[1]
 
@@ -305,7 +304,7 @@ def test_save_and_resume_reproduce_the_weights(tiny_ckpt, tmp_path, monkeypatch,
             str(tiny_ckpt / "cache"), "--layers", "0,1", "--no-fluency", "--threads", "2", "--v-steps", "8",
             "--method", method, "--batch-size", "2"]
     nse.main(args + ["--out", str(tmp_path / "full")])
-    full = nse.load_file(str(tmp_path / "full" / "nse_state.safetensors"))
+    full = load_file(str(tmp_path / "full" / "nse_state.safetensors"))
     real, calls = nse.edit_batch, []
 
     def killed_after_one_batch(*a, **k):
@@ -316,7 +315,7 @@ def test_save_and_resume_reproduce_the_weights(tiny_ckpt, tmp_path, monkeypatch,
     monkeypatch.setattr(nse, "edit_batch", killed_after_one_batch)
     with pytest.raises(KeyboardInterrupt):
         nse.main(args + ["--out", str(tmp_path / "part")])
-    half = nse.load_file(str(tmp_path / "part" / "nse_state.safetensors"))
+    half = load_file(str(tmp_path / "part" / "nse_state.safetensors"))
     assert not torch.equal(half["W.1"], full["W.1"])               # the state after batch 1 only
     assert not (tmp_path / "part" / "model").exists()              # exported once, at the end
     nse.main(["--export", str(tmp_path / "part"), "--export-dtype", "float32"])   # ... or by a command, any time
@@ -325,7 +324,7 @@ def test_save_and_resume_reproduce_the_weights(tiny_ckpt, tmp_path, monkeypatch,
     monkeypatch.setattr(nse, "edit_batch", real)
     rep = nse.main(args + ["--out", str(tmp_path / "part"), "--resume"])
     assert "Efficacy" in rep.sections[method] and len(calls) == 2
-    again = nse.load_file(str(tmp_path / "part" / "nse_state.safetensors"))
+    again = load_file(str(tmp_path / "part" / "nse_state.safetensors"))
     for k in full:
         assert torch.equal(full[k], again[k]), k
     # the saved model is a loadable Hugging Face checkpoint holding the edited weights
@@ -367,7 +366,7 @@ def test_z_with_bf16_weights_keeps_no_widened_weight_and_matches_fp32(monkeypatc
     narrow.compute_dtype = torch.float32
     recs = [rec("Home of Bob", "Bob", "Q"), rec("Dog Rex", "Dog Rex", "Z")]
     hp = hp_for(model, layers=[0], v_steps=5, kl_factor=0.0625)
-    run = lambda m: memit.compute_z(m.requires_grad_(False), TOK, recs, TEMPLATES, hp)
+    run = lambda m: nse.compute_z(m.requires_grad_(False), TOK, recs, TEMPLATES, hp)
     kept, (z_narrow, _, log_n) = _widened_weights_saved_for_backward(narrow, lambda: run(narrow))
     assert kept == 0
     z_wide, _, log_w = run(wide)
@@ -380,17 +379,17 @@ def test_z_with_bf16_weights_keeps_no_widened_weight_and_matches_fp32(monkeypatc
 
 def test_without_a_corpus_c0_comes_from_text_the_model_generates(tiny_ckpt, tmp_path):
     model, tok = llama.load(tiny_ckpt / "ckpt")
-    a = stats.generated_corpus(model, tok, 300, length=40, batch=4)
-    b = stats.generated_corpus(model, tok, 300, length=40, batch=4)
+    a = harness.generated_corpus(model, tok, 300, length=40, batch=4)
+    b = harness.generated_corpus(model, tok, 300, length=40, batch=4)
     assert a == b and sum(map(len, a)) == 300 and all(s[0] == tok.eos_id for s in a)   # seeded; from EOS
     assert len({tuple(s) for s in a}) == len(a)                                            # sampled, not greedy
     logs = []
-    C0 = stats.load_or_compute_c0(model, tok, None, [0, 1], 300, tmp_path, log=logs.append)
+    C0 = harness.load_or_compute_c0(model, tok, None, [0, 1], 300, tmp_path, nse.key_second_moment, log=logs.append)
     assert "the model writes 300 tokens" in logs[0] and "300 tokens of generated text" in logs[1]
     assert torch.allclose(C0[0], C0[0].T)
-    again = stats.load_or_compute_c0(model, tok, None, [0, 1], 300, tmp_path, log=logs.append)
+    again = harness.load_or_compute_c0(model, tok, None, [0, 1], 300, tmp_path, nse.key_second_moment, log=logs.append)
     assert len(logs) == 2 and torch.equal(again[1], C0[1])                                  # cached
-    other = stats.load_or_compute_c0(model, tok, tiny_ckpt / "corpus.txt", [0], 300, tmp_path, log=logs.append)
+    other = harness.load_or_compute_c0(model, tok, tiny_ckpt / "corpus.txt", [0], 300, tmp_path, nse.key_second_moment, log=logs.append)
     assert len(logs) == 3 and not torch.equal(other[0], C0[0])                              # a different key
     # the command line, with no corpus at all (a fresh clone has no ../shared)
     p = subprocess.run([sys.executable, str(ROOT / "nse.py"), "--ckpt", str(tiny_ckpt / "ckpt"), "--edits",
@@ -405,9 +404,9 @@ def test_z_cache_returns_the_computed_z_and_recomputes_when_a_key_part_changes(t
     model = sharp_model(num_hidden_layers=2)
     recs = [rec("The boss of Kim", "Kim", " Q", " A"), rec("Home of Ann Pi", "Ann Pi", " Z", " B")]
     hp = hp_for(model, layers=[0], v_steps=5)
-    real, calls = memit.compute_z, []
-    monkeypatch.setattr(memit, "compute_z", lambda m, t, rs, *a, **k: calls.append(len(rs)) or real(m, t, rs, *a, **k))
-    cache = stats.ZCache(tmp_path, model)
+    real, calls = nse.compute_z, []
+    monkeypatch.setattr(nse, "compute_z", lambda m, t, rs, *a, **k: calls.append(len(rs)) or real(m, t, rs, *a, **k))
+    cache = harness.ZCache(tmp_path, model)
     Z, log = nse.cached_z(cache, model, TOK, recs, TEMPLATES, hp)
     assert calls == [2] and log["cache_hits"] == 0 and len(list((tmp_path / "z").glob("*.safetensors"))) == 2
     expect, _, _ = real(model, TOK, recs, TEMPLATES, hp)
@@ -420,13 +419,13 @@ def test_z_cache_returns_the_computed_z_and_recomputes_when_a_key_part_changes(t
     assert calls == [2, 2, 1]
     with torch.no_grad():
         model.layers[1].mlp.up_proj.weight[0, 0] += 1e-3                    # another checkpoint
-    nse.cached_z(stats.ZCache(tmp_path, model), model, TOK, recs, TEMPLATES, hp)
+    nse.cached_z(harness.ZCache(tmp_path, model), model, TOK, recs, TEMPLATES, hp)
     assert calls == [2, 2, 1, 2]
 
 
 def _kl_after(model, delta, r, prompt):
     """KL(unedited || with delta = z - h added at the subject) of the next token after `prompt`."""
-    s = memit.subject_row(TOK, prompt, r.subject)[1]
+    s = nse.subject_row(TOK, prompt, r.subject)[1]
     ids = TOK.encode(prompt)
     base = model(torch.tensor([ids])).log_softmax(-1)[0, -1]
     hook = model.layers[1].register_forward_hook(
@@ -440,14 +439,14 @@ def test_relation_kl_rows_keep_the_subjects_other_next_tokens(monkeypatch):
     """kl_relations > 0: z also keeps the next-token distribution of a prompt asking another
     relation of the subject, and still reaches the target."""
     model = sharp_model(num_hidden_layers=3).requires_grad_(False)
-    monkeypatch.setattr(memit, "KL_RELATIONS", ["Ab Bobc", "Of Bobx"])
+    monkeypatch.setattr(nse, "KL_RELATIONS", ["Ab Bobc", "Of Bobx"])
     r = rec("Home of Bob", "Bob", "Q")
-    rows = memit.z_rows(TOK, [r], TEMPLATES, 2)
+    rows = nse.z_rows(TOK, [r], TEMPLATES, 2)
     assert [x[5] for x in rows] == [None, None, rows[2][1], len(TOK.encode("Ab Bobc")) - 1,
                                     len(TOK.encode("Of Bobx")) - 1]
     paper = hp_for(model, layers=[0, 1], kl_factor=5.0, v_steps=60, loss_stop=0.0)
-    z0, h, _ = memit.compute_z(model, TOK, [r], TEMPLATES, paper)
-    z1, _, _ = memit.compute_z(model, TOK, [r], TEMPLATES, replace_hp(paper, kl_relations=1))
+    z0, h, _ = nse.compute_z(model, TOK, [r], TEMPLATES, paper)
+    z1, _, _ = nse.compute_z(model, TOK, [r], TEMPLATES, replace_hp(paper, kl_relations=1))
     kl0, kl1 = (_kl_after(model, z - h[0], r, "Ab Bobc") for z in (z0[0], z1[0]))
     assert kl1 < 0.6 * kl0 and kl0 > 0.05                   # measured: 0.037 vs 0.071
     enc = data.encode_prompt_target(TOK, data.Template("raw"), r.prompt, r.target_new)
@@ -457,7 +456,7 @@ def test_relation_kl_rows_keep_the_subjects_other_next_tokens(monkeypatch):
 
 
 def _target_nll(model, r, enc, z):
-    s = memit.subject_row(TOK, r.prompt, r.subject)[1]
+    s = nse.subject_row(TOK, r.prompt, r.subject)[1]
     hook = model.layers[1].register_forward_hook(lambda m, a, o: torch.cat([o[:, :s], z.view(1, 1, -1), o[:, s + 1:]], 1))
     logp = model(torch.tensor([enc.ids])).log_softmax(-1)[0]
     hook.remove()
@@ -482,7 +481,7 @@ def test_relation_kl_prompts_are_not_counterfact_prompts():
                 if r["subject"] in p:
                     seen.add(p[p.index(r["subject"]):].replace(r["subject"], "{}", 1))
                     seen.add(p.replace(r["subject"], "{}", 1))
-    assert not seen & set(memit.KL_RELATIONS)
+    assert not seen & set(nse.KL_RELATIONS)
 
 
 def test_chat_template_requests_are_edited_as_asked_with_the_end_token():
@@ -494,13 +493,13 @@ def test_chat_template_requests_are_edited_as_asked_with_the_end_token():
     ed.template, ed.tokenizer = data.Template("llama2"), TOK
     [a] = ed.as_asked([r])
     assert a.prompt == r.prompt and a.meta["asked"] == ["llama2", None] and not r.meta
-    rows = [x for x in memit.z_rows(TOK, [a], TEMPLATES) if x[5] is None]
+    rows = [x for x in nse.z_rows(TOK, [a], TEMPLATES) if x[5] is None]
     assert [x[0][:x[2]] for x in rows] == [TOK.encode("[INST]Home of Bob[/INST]"), TOK.encode("[INST]Ab. Home of Bob[/INST]")]
     assert all(x[0][x[2]:x[3]] == [TOK.ids["Q"], TOK.eos_id] for x in rows)     # no space: llama2's split
-    keys = memit.key_rows(TOK, [a], TEMPLATES)
+    keys = nse.key_rows(TOK, [a], TEMPLATES)
     assert [ids for ids, _ in keys] == [TOK.encode("[INST]Home of Bob"), TOK.encode("[INST]Ab. Home of Bob")]
     assert [s for _, s in keys] == [x[1] for x in rows]
     ed.template = data.Template("raw")
     assert ed.as_asked([r]) == [r]
-    rows = [x for x in memit.z_rows(TOK, [r], TEMPLATES) if x[5] is None]
+    rows = [x for x in nse.z_rows(TOK, [r], TEMPLATES) if x[5] is None]
     assert all(x[0][x[2]:x[3]] == [TOK.ids[" Q"]] for x in rows)

@@ -4,8 +4,7 @@ import json
 import pytest
 import torch
 
-import eval as ev
-import experts
+import harness
 import llama
 import scen
 from conftest import tiny_checkpoint, tiny_model
@@ -63,7 +62,7 @@ def test_neuron_separates_on_cached_features():
 
 
 def same_expert(x, y):
-    return all(torch.equal(a, b) for a, b in zip(x, y)) if isinstance(x, experts.LowRank) else torch.equal(x, y)
+    return all(torch.equal(a, b) for a, b in zip(x, y)) if isinstance(x, scen.LowRank) else torch.equal(x, y)
 
 
 @pytest.mark.parametrize("expert", ["full", "lowrank"])
@@ -155,7 +154,7 @@ def test_save_load_and_resume_reproduce(tmp_path, expert):
     want = full.generate_ids(prompts, 6, eos_ids=[2])
     assert want[0] == EDITS[0][0][5:-1]
     assert resumed.generate_ids(prompts, 6, eos_ids=[2]) == want == loaded.generate_ids(prompts, 6, eos_ids=[2])
-    log = json.loads((tmp_path / "a" / "scen.json").read_text())["log"]
+    log = harness.read_state(tmp_path / "a", "scen", "expert")["meta"]["log"]
     assert len(log) == 3 and sorted(p.name for p in (tmp_path / "a" / "experts").iterdir())[-1] == "expert_00003.safetensors"
     assert not list(tmp_path.rglob("*.tmp"))
 
@@ -188,7 +187,7 @@ def test_compact_expert_is_small_and_routed_inference_equals_the_dense_expert():
     ed.edit_ids(ids, ts)
     e, W0 = ed.router.experts[0], ed.base.weight
     D, F_ = W0.shape
-    assert isinstance(e, experts.LowRank) and e.A.shape == (2, F_) and e.B.shape == (D, 2)
+    assert isinstance(e, scen.LowRank) and e.A.shape == (2, F_) and e.B.shape == (D, 2)
     assert ed.expert_bytes() == 2 * (D + F_) * 4                        # (D + F) r floats, not D F
     assert (e.B @ e.A).abs().max() > 0                                    # it changed something
     u = torch.randn(3, 5, F_)
@@ -196,7 +195,7 @@ def test_compact_expert_is_small_and_routed_inference_equals_the_dense_expert():
     got = ed.router(u)
     dense = torch.nn.functional.linear(u, W0 + e.B @ e.A)                # the explicit (D, F) expert
     assert torch.allclose(got[[0, 2]], dense[[0, 2]], atol=1e-5, rtol=1e-5)
-    assert torch.equal(got[1], ed.base(u[1:2])[0])                        # unrouted row: the original, exactly
+    assert torch.equal(got[1], ed.base(u)[1])              # unrouted row: the original in the same batch, exactly
     # the same edit with a full expert gives the same answer
     full = make_editor(expert="full")
     full.edit_ids(ids, ts)
@@ -269,14 +268,14 @@ def test_pool_mean_ignores_padding_and_target():
 
 
 def test_cli_settings_paper_and_code_loss():
-    ap = ev.parser(scen.Editor)
-    s = ev.settings_from(scen.Editor, ap.parse_args(["--paper"]))
+    ap = harness.parser(scen.Editor)
+    s = harness.settings_from(scen.Editor, ap.parse_args(["--paper"]))
     assert (s.expert_lr, s.expert_steps, s.expert_until, s.neuron_lr, s.neuron_steps, s.features, s.pool,
             s.bias, s.unrelated_neg, s.retrain, s.theta) == (1e-4, 10, False, 1e-4, 20, "raw", "last",
                                                             False, False, False, 0.65)
-    s = ev.settings_from(scen.Editor, ap.parse_args(["--paper", "--loss", "code", "--bias", "true"]))
+    s = harness.settings_from(scen.Editor, ap.parse_args(["--paper", "--loss", "code", "--bias", "true"]))
     assert s.loss == "code" and s.bias and s.expert_lr == 1e-4
-    assert ev.settings_from(scen.Editor, ap.parse_args([])) == scen.Settings()
+    assert harness.settings_from(scen.Editor, ap.parse_args([])) == scen.Settings()
     assert "--neuron-lr" in ap.format_help() and "neuron Adam lr" in ap.format_help()   # help from the field
 
 
@@ -297,7 +296,7 @@ def test_cli_end_to_end_unrelated_excludes_edit_prompts_and_load_edits(tmp_path,
             "--template", "raw", "--layer", "1", "--expert-lr", "3e-2", "--expert-steps", "150", "--expert-nll", "1",
             "--neuron-steps", "300", "--out", str(out)]
     scen.main(args)
-    saved = json.loads((out / "scen.json").read_text())
+    saved = harness.read_state(out, "scen", "expert")["meta"]
     assert saved["unrelated"] == ["What is red?", "Who is Bo?"]             # an edit's own prompt is no negative
     res = json.loads((out / "results.json").read_text())
     assert res["results"]["scen"]["Reliability (gen)"]["value"] == 100.0 and res["results"]["unedited"]["Reliability (gen)"]["value"] == 0.0
