@@ -318,6 +318,9 @@ def _clean(s: str) -> str:
     return s
 
 
+clean_text = _clean                                      # the same repair for records made in code (Editor.edit)
+
+
 def _blank(v: str) -> str:
     if v == "":
         return "expected text, got ''"
@@ -1069,7 +1072,8 @@ QUESTION_OPENERS = ("What is", "Who is", "Who was", "When was", "Where is", "Whi
 
 
 def model_questions(model, tokenizer, template: Template, n: int = 1000, *, seed: int = 0,
-                    max_new_tokens: int = 24, batch: int = 50, openers=QUESTION_OPENERS) -> list[str]:
+                    max_new_tokens: int = 24, batch: int = 50, openers=QUESTION_OPENERS,
+                    progress=None) -> list[str]:
     """Prompts of the kind the model is asked, written by the model itself: the template's text up
     to where a user's prompt goes ("<|im_start|>user\n", "[INST]", ...), then (chat templates) one of
     `openers` in turn per batch, continued by sampling (temperature 1, top-k 50, seeded) until the
@@ -1102,6 +1106,8 @@ def model_questions(model, tokenizer, template: Template, n: int = 1000, *, seed
             if q and q != opener and q not in seen and len(out) < n:
                 seen.add(q)
                 out.append(q)
+        if progress is not None:                          # progress(questions written, n)
+            progress(len(out), n)
     return out
 
 

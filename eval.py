@@ -202,10 +202,19 @@ def fluency(texts) -> float:
 # --------------------------------------------------------------------------------------------
 # Batched primitives
 # --------------------------------------------------------------------------------------------
+# Progress of long evaluations: None, or a callable (batches done, batches) the run harness sets.
+PROGRESS = None
+
+
 def _by_length(lengths, batch_size):
-    """Batches of indices, longest first (less padding); callers put results back in order."""
+    """Batches of indices, longest first (less padding); callers put results back in order. Each
+    batch taken is reported to PROGRESS."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for k, b in enumerate(batches):
+        yield b
+        if PROGRESS is not None:
+            PROGRESS(k + 1, len(batches))
 
 
 def score_targets(em, tokenizer, template: Template, pairs, *, batch_size: int = 16,

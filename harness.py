@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import data
+import eval as ev
 import llama
 from data import Template
 from eval import (LlamaEvalModel, Snapshot, evaluate_counterfact, evaluate_perplexity, evaluate_qa,
@@ -155,7 +156,11 @@ def as_records(records=None, *, prompts=None, target_new=None, subject=None) -> 
     subject = [None] * len(prompts) if subject is None else list(subject)
     if not len(prompts) == len(target_new) == len(subject):
         raise ValueError(f"edit(): {len(prompts)} prompts, {len(target_new)} targets, {len(subject)} subjects")
-    return [data.EditRecord(p, t, subject=s, meta={"source": f"edit()[{i}]"})
+    for i, v in enumerate((*prompts, *target_new, *[x for x in subject if x is not None])):
+        if not isinstance(v, str):
+            raise RunError(f"edit(): expected strings, got {type(v).__name__} {v!r:.40}")
+    clean = data.clean_text                              # NFC, control characters out (as load_edits does)
+    return [data.EditRecord(clean(p), clean(t), subject=None if s is None else clean(s), meta={"source": f"edit()[{i}]"})
             for i, (p, t, s) in enumerate(zip(prompts, target_new, subject))]
 
 
@@ -206,8 +211,13 @@ class Editor:
         return cls.needs_subject
 
     def check(self, records) -> None:
+        """Refuse, naming the record, what cannot be edited: an empty target, a subject that is not
+        in its prompt (methods that need one), a prompt + target longer than the model's context."""
         for r in records:
             data.check_record(r, self.subject_needed(getattr(self, "s", None)))
+        if self.tokenizer is not None:
+            fit_lengths(self.tokenizer, self.template, records, self.model.config.max_position_embeddings,
+                        "edit()", False, [])
 
     def edit(self, records=None, *, prompts=None, target_new=None, subject=None) -> list[dict]:
         records = as_records(records, prompts=prompts, target_new=target_new, subject=subject)
@@ -548,7 +558,8 @@ def parser(method) -> argparse.ArgumentParser:
     a("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     a("--dtype", choices=list(llama.DTYPES), help="weights dtype (default: float32 on cpu, bfloat16 "
       "elsewhere); on a CPU computation is float32 anyway")
-    a("--threads", type=at_least(1), help="torch CPU threads (default: torch's)")
+    a("--threads", type=at_least(1), help="torch CPU threads (default: torch's; more than the cores: the cores)")
+    a("--quiet", action="store_true", help="no progress lines on stderr (also: EDIT_QUIET=1); figures still print")
     a("--export-dtype", choices=list(llama.DTYPES), help="methods whose result is a plain checkpoint (NSE, "
       "MEMIT): its weights dtype in OUT/model (default: the dtype of --ckpt's config.json)")
     g = ap.add_argument_group(f"{method.name} settings (default: the Settings dataclass)")
@@ -612,13 +623,129 @@ def _key(v) -> str:
     return str(Path(v).resolve()) if isinstance(v, Path) else str(v)
 
 
+def set_threads(n: int | None) -> None:
+    """torch's CPU threads; more than the machine's cores is capped there, with a one-line note
+    (an oversubscribed OpenMP pool runs several times slower, and a huge count crashes it)."""
+    if not n:
+        return
+    cores = os.cpu_count() or 1
+    if n > cores:
+        inform(f"--threads {n}: this machine has {cores} cores; using {cores}")
+        n = cores
+    torch.set_num_threads(n)
+
+
+class Ticker:
+    """Progress of a long step: 'what: i/n, s so far, ETA s', at most every `every` seconds and
+    at the end (harness.inform: stderr, flushed, silent under EDIT_QUIET=1)."""
+
+    def __init__(self, what: str, every: float = 10.0):
+        self.what, self.every, self.last, self.i, self.part = what, every, None, 0, 0
+        self.t0 = time.perf_counter()
+
+    def __call__(self, i: int, n: int) -> None:
+        now = time.perf_counter()
+        if i <= self.i:                                  # a new pass over other items (the eval's parts)
+            self.t0, self.part = now, self.part + 1
+        self.i = i
+        if self.last is None or now - self.last >= self.every:
+            self.last = now
+            what = self.what + (f", part {self.part + 1}" if self.part else "")
+            inform(eta_line(what, i, n, now - self.t0))
+
+
+@contextmanager
+def progress_of(what: str):
+    """Progress lines for the evaluation batches run inside (eval.PROGRESS), then the step's seconds."""
+    inform(what + " ...")
+    t0, old = time.perf_counter(), ev.PROGRESS
+    ev.PROGRESS = Ticker(what)
+    try:
+        yield
+    finally:
+        ev.PROGRESS = old
+    inform(f"{what}: done in {hms(time.perf_counter() - t0)}")
+
+
+def hms(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+@contextmanager
+def run_lock(out: Path | None):
+    """One run per folder: OUT/run.lock held with flock while the run lives (the kernel releases it
+    when the process dies, so a lock left by a killed run never blocks --resume); a second process
+    given the same --out is refused at once, naming the live one."""
+    if out is None:
+        yield
+        return
+    import fcntl
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / "run.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            who = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise RunError(f"{out}: a run is live in this folder ({who}); wait for it, or give another --out")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}, started {time.strftime('%H:%M:%S')}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)                                     # closing releases the flock
+
+
+def check_out_path(out: Path | None) -> None:
+    """--out must be a folder we can write: not a file, not under a file, writable."""
+    if out is None:
+        return
+    for p in [out, *out.parents]:
+        if p.exists():
+            if not p.is_dir():
+                raise RunError(f"--out {out}: {p} is a file, not a folder")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise RunError(f"--out {out}: {p} is not writable")
+            return
+
+
+def fit_lengths(tok, template, records, max_pos: int, what: str, optional: bool, notes: list) -> list:
+    """Prompts longer than the model's context (max_position_embeddings), in tokens, before any
+    work (a text whose UTF-8 bytes fit needs no tokenizing: a token covers at least one byte). A
+    record that will be edited is an error naming it; an optional item (a rephrase, a locality or
+    portability pair, an unrelated prompt) is dropped and noted."""
+    def tokens(p: str, a: str) -> int:
+        if len(template.prompt_text(tok, p).encode()) + len(a.encode()) + 8 <= max_pos:
+            return 0
+        return len(data.encode_prompt_target(tok, template, p, a, add_eos=True).ids)
+
+    out = []
+    for i, r in enumerate(records):
+        src = r.meta.get("source", f"{what}[{i}]")
+        n = tokens(r.prompt, r.target_new)
+        if n > max_pos:
+            why = f"{n} tokens, the model's context is {max_pos} (max_position_embeddings)"
+            if not optional:
+                raise RunError(f"{src}: prompt + target_new: {why}")
+            notes.append({"file": what, "record": src, "field": "prompt", "why": why})
+            continue
+        kept = {"rephrases": [p for p in r.rephrases if tokens(p, r.target_new) <= max_pos],
+                "locality": [(p, a) for p, a in r.locality if tokens(p, a) <= max_pos],
+                "portability": [(p, a) for p, a in r.portability if tokens(p, a) <= max_pos]}
+        for k, v in kept.items():
+            notes += [{"file": what, "record": src, "field": k, "why": f"longer than the context ({max_pos} tokens)"}
+                      ] * (len(getattr(r, k)) - len(v))
+        out.append(replace(r, **kept) if any(len(v) < len(getattr(r, k)) for k, v in kept.items()) else r)
+    return out
+
+
 def run(method, argv=None, log=say) -> "Report | None":
     """The command line of a method module (scen, nse): validate everything, load, evaluate the
     unedited model, edit in sequence (saving after every log row, resuming from --out), evaluate
     the edited model, write results.json + results.md. Returns the Report."""
+    global QUIET
     args = parser(method).parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    QUIET = QUIET or args.quiet
+    set_threads(args.threads)
     try:
         if args.load_edits:
             return query(method, args, log)
@@ -671,23 +798,22 @@ def export_run(method, args, log=say):
 def _edit_run(method, args, log):
     if not args.ckpt or not args.edits:
         raise RunError("give --ckpt and --edits (or no arguments for the demo, or --load-edits OUT --prompt ...)")
-    # 1. every input and setting checked before the model is loaded
+    # 1. every input and setting checked before the model is loaded, and before --out is touched
+    inform(f"{method.name}: checking {args.edits}, {args.ckpt} and the settings")
+    out = Path(args.out) if args.out else None
+    check_out_path(out)
     cfg = llama.LlamaConfig.from_file(Path(args.ckpt) / "config.json")
     settings = settings_from(method, args)
-    records = data.load_edits(args.edits, args.format, n=args.n,
-                              require_subject=method.subject_needed(settings))
+    method.check_settings(settings, cfg)
+    notes: list = []                                 # optional items dropped (data.load_edits, fit_lengths)
+    records = data.load_edits(args.edits, args.format, n=args.n, require_subject=method.subject_needed(settings),
+                              notes=notes)
     if args.n is not None and len(records) < args.n:
         raise RunError(f"--n {args.n}: {args.edits} holds {len(records)} records")
-    loc = data.load_edits(args.loc) if args.loc else None
-    method.check_settings(settings, cfg)
+    loc = data.load_edits(args.loc, notes=notes) if args.loc else None
     inputs = method.inputs_from(args, records)
     task = guess_task(records, args.format)
     tname = args.template or ("raw" if task == "counterfact" else method.default_template)
-    out = Path(args.out) if args.out else None
-    info = {"method": method.name, "settings": asdict(settings), "ckpt": str(Path(args.ckpt).resolve()),
-            "edits": str(Path(args.edits).resolve()), "records": digest([r.to_dict() for r in records]),
-            "n": len(records), "loc": digest([r.to_dict() for r in loc]) if loc else None, "template": tname,
-            "system": args.system, "inputs": {k: _key(v) for k, v in inputs.items()}}
     tok = llama.load_tokenizer(args.ckpt)
     try:
         template = data.template_for(tok, tname, args.system)
@@ -696,11 +822,33 @@ def _edit_run(method, args, log):
         raise RunError(f"--template {tname}: {e}")
     if task == "qa" and template.kind != "raw" and template.end_id(tok) is None:
         raise RunError(f"{args.ckpt}: the tokenizer has no end token (EOS) to end an answer")
+    max_pos = cfg.max_position_embeddings                # every prompt measured in tokens against the context
+    records = fit_lengths(tok, template, records, max_pos, str(args.edits), False, notes)
+    loc = fit_lengths(tok, template, loc, max_pos, str(args.loc), True, notes) if loc else loc
+    for k, v in inputs.items():                          # prompt lists (SCEN's unrelated prompts)
+        if isinstance(v, list) and all(isinstance(p, str) for p in v):
+            kept = [r.prompt for r in fit_lengths(tok, template, [data.EditRecord(p, "", meta={"source": f"--{k}[{i}]"})
+                                                                  for i, p in enumerate(v)], max_pos, k, True, notes)]
+            inputs[k] = kept if len(kept) < len(v) else v
+    if notes:
+        inform(f"warning: {data.format_drops(notes)}")
+    info = {"method": method.name, "settings": asdict(settings), "ckpt": str(Path(args.ckpt).resolve()),
+            "edits": str(Path(args.edits).resolve()), "records": digest([r.to_dict() for r in records]),
+            "n": len(records), "loc": digest([r.to_dict() for r in loc]) if loc else None, "template": tname,
+            "system": args.system, "inputs": {k: _key(v) for k, v in inputs.items()}}
     old = _check_out(out, args.resume, info)
+    with run_lock(out):
+        return _edit_locked(method, args, log, out, cfg, settings, records, loc, inputs, task, template, tok,
+                            info, old, notes)
+
+
+def _edit_locked(method, args, log, out, cfg, settings, records, loc, inputs, task, template, tok, info, old, notes):
     # 2. load, the editor (a resumed one from --out), the unedited figures
+    inform(f"loading {args.ckpt} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}) on {args.device}")
     model = llama.load_model(args.ckpt, args.device, args.dtype)            # the tokenizer is loaded
     rep = Report(f"{method.name} sequential editing, {len(records)} records of {Path(args.edits).name}",
-                 {**info, "device": args.device, "dtype": str(model.dtype), "threads": torch.get_num_threads()})
+                 {**info, "device": args.device, "dtype": str(model.dtype), "threads": torch.get_num_threads(),
+                  "dropped_items": len(notes)})
     if old is not None and method.saved(out):
         ed = method.load(out, model, tok)
         log(f"resuming after {ed.n_edits} of {len(records)} edits")
@@ -711,9 +859,12 @@ def _edit_run(method, args, log):
         llama.write_json(out / "run.json", info if old is None else old)
     rel = Snapshot(old["relation_snapshot"]) if old is not None and "relation_snapshot" in old else None
     if rel is None and ed.n_edits == 0 and task == "counterfact" and all(r.subject for r in records):
-        probes = data.relation_probes(records, data.load_edits(args.edits, args.format))   # the whole file
+        inform(f"relation probes: other relations of the {len(records)} subjects, from the whole of {args.edits}")
+        bank = data.load_edits(args.edits, args.format, lenient=True, notes=[])   # the whole file, for probes only
+        probes = data.relation_probes(records, bank)
         if any(probes):                                  # the unedited model's answers, before any edit
-            rel = relation_snapshot(ed.eval_model(), tok, records, probes, batch_size=args.eval_batch_size)
+            with progress_of(f"relation snapshot: the unedited model answers {sum(map(len, probes))} probes"):
+                rel = relation_snapshot(ed.eval_model(), tok, records, probes, batch_size=args.eval_batch_size)
             if out:
                 llama.write_json(out / "run.json", {**(old or info), "relation_snapshot": dict(rel)})
     if rel is not None:
@@ -728,7 +879,7 @@ def _edit_run(method, args, log):
     if old is not None and "unedited" in old:
         rep.add("unedited", old["unedited"])
     elif not args.no_baseline:
-        with rep.timer("eval unedited"):
+        with rep.timer("eval unedited"), progress_of(f"evaluating the unedited model on {len(records)} records ({task})"):
             rep.add("unedited", evaluate(ed.eval_model()))
         if out:
             llama.write_json(out / "run.json", {**info, "unedited": rep.sections["unedited"]})
@@ -740,8 +891,14 @@ def _edit_run(method, args, log):
             rows = ed.edit(records[i:i + ed.unit])
             if out:
                 ed.save(out)
-            log(progress(ed.n_edits, len(records), sum(r["seconds"] for r in ed.log[rows0:]), done0, rows[-1]))
+            spent = sum(r["seconds"] for r in ed.log[rows0:])
+            log(progress(ed.n_edits, len(records), spent, done0, rows[-1]))
+            if len(ed.log) == rows0 + 1 and ed.n_edits < len(records):      # the cost line, once measured
+                per = spent / max(ed.n_edits - done0, 1)
+                inform(f"{len(records) - done0} edits at ~{per:.1f} s each is about {hms(per * (len(records) - done0))} "
+                       f"on this machine" + ("; on a GPU use --device cuda" if args.device == "cpu" else ""))
     if out and ed.exports:
+        inform(f"export: the edited model to {out / 'model'}")
         with rep.timer("export"):
             dtype = ed.export(out / "model", tokenizer_dir=args.ckpt, dtype=args.export_dtype)
         rep.notes.append(f"{out / 'model'}: the edited model, weights in {dtype}; the edited figures are "

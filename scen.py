@@ -395,7 +395,10 @@ class Editor(harness.Editor):
             raise harness.RunError("unrelated prompts are needed when no tokenizer is given (token ids)")
         if s.method == "ft":                       # FT has no neurons: no unrelated prompts to write or encode
             unrelated = []
-        self.unrelated = list(data.model_questions(model, tokenizer, self.template, N_UNRELATED, seed=s.seed)
+        if unrelated is None:
+            harness.inform(f"SCEN: no unrelated prompts given (--unrelated): the model writes {N_UNRELATED} questions")
+        self.unrelated = list(data.model_questions(model, tokenizer, self.template, N_UNRELATED, seed=s.seed,
+                                                   progress=harness.Ticker("SCEN: questions written"))
                               if unrelated is None else unrelated)
         ids = [q if isinstance(q, list) else data.encode_prompt(tokenizer, self.template, q) for q in self.unrelated]
         self.U_unrel = self.prompt_features(ids)
@@ -419,7 +422,12 @@ class Editor(harness.Editor):
 
     def prompt_features(self, prompts: list[list[int]]) -> torch.Tensor:
         """u of each prompt (ids), pooled as the router pools it, with the original W_down: (n, h)."""
-        u = [layer_inputs(self.model, self.s.layer, q, self.base, kind=self.s.pool)[1] for q in prompts]
+        tick = harness.Ticker(f"SCEN: features u of {len(prompts)} prompts") if len(prompts) > 50 else None
+        u = []
+        for i, q in enumerate(prompts):
+            u.append(layer_inputs(self.model, self.s.layer, q, self.base, kind=self.s.pool)[1])
+            if tick:
+                tick(i + 1, len(prompts))
         return torch.stack(u) if u else torch.zeros(0, self.base.in_features, device=self.model.device)
 
     def install(self):
