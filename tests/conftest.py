@@ -61,6 +61,22 @@ def edit_files(root: Path, pairs=(("Kim Lo", "Oslo"), ("Ann Pi", "Lima"))) -> Pa
     return root
 
 
+def assert_same_greedy(model, prompt, a, b, tol: float = 1e-3):
+    """Greedy continuations a, b of `prompt` computed in different shapes (batched or alone, with or
+    without the KV cache, another dtype) agree token for token; where they first differ, the two
+    tokens must be the model's top two within `tol` there: a near tie that another CPU's blocking
+    of the same products may break either way (never assert exact equality across shapes)."""
+    if a == b:
+        return
+    k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    assert k < min(len(a), len(b)), f"one continuation stops early: {a} vs {b}"
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + a[:k]]))[0, -1].float()
+    top = logits.topk(2)
+    assert {a[k], b[k]} == set(top.indices.tolist()) and (top.values[0] - top.values[1]).item() < tol, \
+        f"greedy continuations differ at token {k} with a clear winner: {a} vs {b}"
+
+
 def shared_path(*parts) -> Path:
     """A path under ../shared, or skip the test when the material is not there (a user's clone)."""
     p = SHARED.joinpath(*parts)
