@@ -338,6 +338,24 @@ def read_state(out, name: str, part_name: str = "part", device="cpu") -> dict:
             "once": load_file(str(once), device=dev) if once.exists() else {}}
 
 
+def add_unrelated_inputs(cls, g) -> None:
+    """SCEN's input: prompts unrelated to the edits (the features' centre and extra negatives)."""
+    g.add_argument("--unrelated", help="records whose prompts centre the features and serve as "
+                   "negatives: give ~1000 prompts of the kind the model will be asked (e.g. its SFT "
+                   "set); default: 1000 questions the model writes itself (data.model_questions)")
+    g.add_argument("--n-unrelated", type=int, help="use only the first N records of --unrelated")
+
+
+def unrelated_inputs_from(cls, args, records) -> dict:
+    if args.n_unrelated is not None and (args.n_unrelated < 1 or not args.unrelated):
+        raise RunError(f"--n-unrelated {args.n_unrelated}: needs --unrelated and N >= 1")
+    if not args.unrelated:
+        return {"unrelated": None}                         # the model writes them (data.model_questions)
+    edit_prompts = {r.prompt for r in records}            # prompts only: unusable records are skipped
+    return {"unrelated": [r.prompt for r in data.load_edits(args.unrelated, n=args.n_unrelated, lenient=True, notes=[])
+                          if r.prompt not in edit_prompts]}
+
+
 def add_c0_inputs(cls, g) -> None:
     """The MEMIT family's inputs: the corpus for C0 and where C0 and z are cached."""
     g.add_argument("--stats-text", help="text corpus for C0, e.g. WikiText-2 raw (default: text the model "

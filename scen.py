@@ -572,23 +572,7 @@ class Editor(harness.Editor):
         ed.install()
         return ed
 
-    # -- the run harness's inputs: the unrelated prompts ----------------------------------------
-    @classmethod
-    def add_inputs(cls, g):
-        g.add_argument("--unrelated", help="records whose prompts centre the features and serve as "
-                       "negatives: give ~1000 prompts of the kind the model will be asked (e.g. its SFT "
-                       "set); default: 1000 questions the model writes itself (data.model_questions)")
-        g.add_argument("--n-unrelated", type=int, help="use only the first N records of --unrelated")
-
-    @classmethod
-    def inputs_from(cls, args, records) -> dict:
-        if args.n_unrelated is not None and (args.n_unrelated < 1 or not args.unrelated):
-            raise harness.RunError(f"--n-unrelated {args.n_unrelated}: needs --unrelated and N >= 1")
-        if not args.unrelated:
-            return {"unrelated": None}                         # the model writes them (data.model_questions)
-        edit_prompts = {r.prompt for r in records}
-        return {"unrelated": [r.prompt for r in data.load_edits(args.unrelated, n=args.n_unrelated)
-                              if r.prompt not in edit_prompts]}
+    add_inputs, inputs_from = classmethod(harness.add_unrelated_inputs), classmethod(harness.unrelated_inputs_from)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,9 +2,12 @@
 bench_long.py: NSE, MEMIT and AlphaEdit over a long sequence of CounterFact edits (issue: NSE at the
 paper's scale), one method per process, resumable, one JSON per method.
 
-    B="python bench/bench_long.py --ckpt /work/models/smollm2 --n 1000 --batch-size 100 --threads 1"
-    $B --method nse &  $B --method alphaedit &      # side by side, one thread each; later: memit
-    python bench/bench_long.py --plot               # table + PNG from the JSONs (needs matplotlib)
+    B="python bench/bench_long.py --ckpt /work/models/smollm2 --n 2000 --batch-size 100 --eval-every 100 --threads 1"
+    $B --method memit --kl-direction p_p0 &  $B --method nse --kl-direction p_p0 &   # one thread each
+    python bench/bench_long.py --plot --n 2000      # table + PNG from the JSONs (needs matplotlib)
+
+--method memit is MEMIT as published (no earlier keys), memit-seq adds them (the AlphaEdit
+repository's memit_seq: what the 1000-edit JSONs ran, relabelled long_memit-seq_n1000.json).
 
 Records: the first --n of counterfact-edit.json (settings were chosen on counterfact-train; nothing
 here was tuned on these records). Every method uses nse.Editor with its derived defaults (layers 4-8
@@ -176,7 +179,7 @@ def run(args):
 def load_runs(results_dir: Path, n: int) -> dict:
     """The long_<method>_n{n}.json files there are, by method."""
     runs = {}
-    for m in ("nse", "memit", "alphaedit"):
+    for m in ("nse", "memit", "memit-seq", "alphaedit"):
         p = results_dir / f"long_{m}_n{n}.json"
         if p.exists():
             runs[m] = json.loads(p.read_text())
