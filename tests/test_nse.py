@@ -503,3 +503,27 @@ def test_chat_template_requests_are_edited_as_asked_with_the_end_token():
     assert ed.as_asked([r]) == [r]
     rows = [x for x in nse.z_rows(TOK, [r], TEMPLATES) if x[5] is None]
     assert all(x[0][x[2]:x[3]] == [TOK.ids[" Q"]] for x in rows)
+
+
+def test_kl_direction_is_each_formula_computed_by_hand():
+    """z's KL term: p0_p = sum p0 log(p0 / p), p_p0 = sum p log(p / p0) (the official code's)."""
+    p0 = torch.tensor([[0.7, 0.2, 0.1]])
+    p = torch.tensor([[0.2, 0.5, 0.3]])
+    by_hand_p0_p = (p0 * (p0 / p).log()).sum().item()           # 0.5838...
+    by_hand_p_p0 = (p * (p / p0).log()).sum().item()            # 0.5375...
+    assert abs(by_hand_p0_p - by_hand_p_p0) > 0.01               # the two directions differ here
+    got = {d: nse.kl_rows_term(p.log(), p0.log(), d).item() for d in ("p0_p", "p_p0")}
+    assert abs(got["p0_p"] - by_hand_p0_p) < 1e-6 and abs(got["p_p0"] - by_hand_p_p0) < 1e-6
+
+
+def test_memit_as_published_ignores_earlier_keys_and_memit_seq_uses_them():
+    """Two batches: the second batch's update of memit-seq depends on the first batch's keys (Cp),
+    MEMIT's does not (its solve has lam C0 + K K^T only)."""
+    R, K, C0 = torch.randn(4, 2, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64), torch.eye(6)
+    Kp = torch.randn(6, 3, dtype=torch.float64)
+    plain = nse.solve_update(R, K, C0, None, 1.0)
+    seq = nse.solve_update(R, K, C0, Kp @ Kp.T, 1.0)
+    assert not torch.allclose(plain, seq)
+    C0_64 = torch.eye(6, dtype=torch.float64)
+    nse.solve_update(R, K, C0_64, None, 3.0)
+    assert torch.equal(C0_64, torch.eye(6, dtype=torch.float64))    # the caller's C0 is never scaled in place
