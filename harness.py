@@ -351,8 +351,8 @@ def unrelated_inputs_from(cls, args, records) -> dict:
         raise RunError(f"--n-unrelated {args.n_unrelated}: needs --unrelated and N >= 1")
     if not args.unrelated:
         return {"unrelated": None}                         # the model writes them (data.model_questions)
-    edit_prompts = {r.prompt for r in records}            # prompts only: unusable records are skipped
-    return {"unrelated": [r.prompt for r in data.load_edits(args.unrelated, n=args.n_unrelated, lenient=True, notes=[])
+    edit_prompts = {r.prompt for r in records}
+    return {"unrelated": [r.prompt for r in data.load_edits(args.unrelated, n=args.n_unrelated)
                           if r.prompt not in edit_prompts]}
 
 
@@ -952,7 +952,7 @@ def _check_out(out, resume: bool, info: dict):
     if has_run and not resume:
         raise RunError(f"{out} already holds a run: pass --resume to continue it, or another --out")
     if not has_run:
-        if out is not None and out.exists() and any(out.iterdir()):
+        if out is not None and out.exists() and any(p.name != "run.lock" for p in out.iterdir()):
             raise RunError(f"{out} is not empty and holds no run: give an empty or new folder")
         return None
     old = json.loads((out / "run.json").read_text())

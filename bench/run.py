@@ -1,21 +1,27 @@
 """
-bench/run.py: one entry point for the benchmarks behind the README's tables.
+bench/run.py: one entry point for the benchmarks behind the tables of README.md and bench/README.md.
 
     python bench/run.py --suite quick     # minutes: every method on a few edits, its own small table
-    python bench/run.py --suite full      # the real protocols (hours, resumable), then the README's tables
-    python bench/run.py --tables          # rewrite the README's tables from the JSONs in bench/results
+    python bench/run.py --suite full      # the real protocols (hours, resumable), then the tables
+    python bench/run.py --tables          # rewrite both files' tables from the JSONs in bench/results
 
 `quick` is what a contributor runs before a pull request: SmolLM2-135M-Instruct (converted from
 ../shared on first use), 8 ZsRE edits for SCEN and FT (chat template), 10 CounterFact edits in one
-batch for NSE, MEMIT and AlphaEdit (C0 from 20k WikiText-2 tokens), each through its CLI with
+batch for NSE, MEMIT and AlphaEdit (C0 from 20k WikiText-2 tokens; with one batch there are no
+earlier keys, so MEMIT and memit-seq make the same edit), each through its CLI with
 --out, then bench/results/quick/quick.json and quick.md. Which figures are exact: every accuracy
 figure is a function of the code, the data and the CPU's float kernels (one thread), so a rerun on
 unchanged code on the same machine gives the same digits; seconds vary with the machine's load.
 
 `full` runs, for each table, the commands of its protocol whose JSON is missing (each resumes
-where it stopped; --force reruns), then rewrites every README table from the JSONs. A README
-table is the text between `<!-- name -->` and `<!-- /name -->`; tests/test_readme_tables.py
-checks that each one equals what `tables()` makes of the JSONs beside it.
+where it stopped; --force reruns), then rewrites every table from the JSONs. A table is the text
+between `<!-- name -->` and `<!-- /name -->` in one of DOCS (README.md keeps the "which method"
+table, bench/README.md every other); tests/test_readme_tables.py checks that each TABLES entry
+is in exactly one of them and equals what `tables()` makes of the JSONs beside it.
+
+Method names: `memit` is MEMIT as published (no earlier keys in the solve), `memit-seq` adds the
+earlier batches' keys Cp (the AlphaEdit repository's memit_seq). Every multi-batch MEMIT figure
+committed before that split ran memit-seq, and its JSON is named and labelled so.
 """
 import argparse
 import json
@@ -30,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 SHARED = ROOT.parent / "shared"
+DOCS = (ROOT / "README.md", ROOT / "bench" / "README.md")     # the files whose tables TABLES makes
 sys.path.insert(0, str(ROOT / "bench"))
 PY = sys.executable
 
@@ -60,8 +67,8 @@ CROSS = [
      "scen_smollm2_ft.json", "cross/ft_counterfact.json"),
     ("NSE", "nse.py", "--method nse --batch-size 20", "batches of 20; plain checkpoint",
      "cross/nse_zsre.json", "harness_nse_smollm2_n200.json"),
-    ("MEMIT", "nse.py", "--method memit --batch-size 20", "batches of 20; plain checkpoint",
-     "cross/memit_zsre.json", "cross/memit_counterfact.json"),
+    ("memit-seq", "nse.py", "--method memit-seq --batch-size 20", "batches of 20; plain checkpoint",
+     "cross/memit-seq_zsre.json", "cross/memit-seq_counterfact.json"),
     ("AlphaEdit", "nse.py", "--method alphaedit --batch-size 20", "batches of 20; plain checkpoint",
      "cross/alphaedit_zsre.json", "cross/alphaedit_counterfact.json"),
 ]
@@ -69,7 +76,7 @@ CROSS = [
 
 def harness_figures(res: dict | None) -> tuple[dict, dict]:
     """(unedited, edited) metric -> value of a run's JSON: the CLIs' results.json, or the older
-    bench_scen.py ({"unedited": .., "ft": ..}) and bench_nse.py ({"rows": {"memit (ours), after 200": ..}})."""
+    bench_scen.py ({"unedited": .., "ft": ..}) and bench_nse.py ({"rows": {"memit-seq (ours), after 200": ..}})."""
     if res is None:
         return {}, {}
     val = lambda d: {k: (v["value"] if isinstance(v, dict) else v) for k, v in d.items()}
@@ -112,7 +119,7 @@ def cross_table(results: Path = RESULTS) -> str:
 
 
 # The "which method when" figures: one column per method, the cross cells and the 1000-edit runs
-WHICH = [("SCEN (rank-4 experts)", 0, None), ("NSE", 3, "nse"), ("MEMIT (sequential)", 4, "memit"),
+WHICH = [("SCEN (rank-4 experts)", 0, None), ("NSE", 3, "nse"), ("memit-seq", 4, "memit-seq"),
          ("AlphaEdit", 5, "alphaedit"), ("FT (down projection)", 2, None)]   # (column, CROSS row, long run)
 
 
@@ -258,22 +265,39 @@ TABLES = {"cross-table": cross_table, "which-table": which_table, "hall-table": 
           "relation-kl-table": relation_kl_table}
 
 
+def marker(name: str) -> tuple[str, str]:
+    return f"<!-- {name} -->\n", f"<!-- /{name} -->"
+
+
+def held(text: str) -> list[str]:
+    """The TABLES entries that have a block in `text`."""
+    return [name for name in TABLES if all(m in text for m in marker(name))]
+
+
 def tables(text: str, results: Path = RESULTS) -> str:
-    """`text` with every `<!-- name -->` ... `<!-- /name -->` block of TABLES remade from the JSONs."""
-    for name, make in TABLES.items():
-        a, b = f"<!-- {name} -->\n", f"<!-- /{name} -->"
-        if a in text and b in text:
-            i, j = text.index(a) + len(a), text.index(b)
-            text = text[:i] + make(results) + "\n" + text[j:]
+    """`text` with every `<!-- name -->` ... `<!-- /name -->` block of TABLES it holds remade from the
+    JSONs (README.md and bench/README.md each hold some; a block not in `text` is left to the other)."""
+    for name in held(text):
+        a, b = marker(name)
+        i, j = text.index(a) + len(a), text.index(b)
+        text = text[:i] + TABLES[name](results) + "\n" + text[j:]
     return text
 
 
-def write_tables(readme: Path = ROOT / "README.md"):
-    old = readme.read_text()
-    new = tables(old)
-    if new != old:
-        readme.write_text(new)
-    print(f"README tables {'rewritten' if new != old else 'unchanged'}: {', '.join(TABLES)}")
+def write_tables(docs=DOCS):
+    """Rewrite the blocks of every file in `docs`; says which file holds which, and any table none holds."""
+    seen = []
+    for doc in docs:
+        old = doc.read_text()
+        new = tables(old)
+        if new != old:
+            doc.write_text(new)
+        names = held(old)
+        seen += names
+        where = doc.relative_to(ROOT) if doc.is_relative_to(ROOT) else doc
+        print(f"{where}: tables {'rewritten' if new != old else 'unchanged'}: {', '.join(names)}")
+    if missing := [n for n in TABLES if n not in seen]:
+        print(f"in neither file: {', '.join(missing)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,6 +367,10 @@ def quick(args):
     print(f"\n{res['wall_seconds']:.0f} s; bench/results/quick/quick.json, quick.md")
 
 
+# the quick suite edits its 10 CounterFact records in one batch: no earlier keys, so memit = memit-seq
+QUICK_LABELS = {"memit": "memit (one batch: the same edit as memit-seq)"}
+
+
 def quick_table(res: dict) -> str:
     lines = ["| run | task | Reliability / Efficacy | Generality | Locality / Specificity | "
              "Relation specificity (unchanged / own > new) | s/edit |", "|" + "---|" * 7]
@@ -354,7 +382,7 @@ def quick_table(res: dict) -> str:
         else:
             cells = ["CounterFact, 10 edits", *(fmt(e.get(k)) for k in ("Efficacy", "Generalization", "Specificity")),
                      _relation(e)]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt(e.get('s/edit (mean)'))} |")
+        lines.append(f"| {QUICK_LABELS.get(name, name)} | " + " | ".join(cells) + f" | {fmt(e.get('s/edit (mean)'))} |")
     return "\n".join(lines)
 
 
@@ -379,7 +407,7 @@ def full(args):
             smol=smol, shared=SHARED))
         run_cli(argv, runs / js.stem, runs / f"{js.stem}.log")
         shutil.copyfile(runs / js.stem / "results.json", js)
-    for m in ("nse", "memit", "alphaedit") if only is None else ():   # bench_long resumes; a finished run has a row at n
+    for m in ("nse", "memit-seq", "alphaedit") if only is None else ():   # bench_long resumes; a finished run has a row at n
         rows = (load(RESULTS / f"long_{m}_n1000.json") or {}).get("rows") or [{"n_done": 0}]
         if rows[-1]["n_done"] < 1000:
             subprocess.run([PY, "bench/bench_long.py", "--method", m, "--ckpt", str(smol)], cwd=ROOT, check=True)
@@ -388,8 +416,10 @@ def full(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=("quick", "full"), help="quick: minutes, its own table; full: the README's")
-    p.add_argument("--tables", action="store_true", help="only rewrite the README's tables from the JSONs")
+    p.add_argument("--suite", choices=("quick", "full"), help="quick: minutes, its own table; full: the tables "
+                   "of README.md and bench/README.md")
+    p.add_argument("--tables", action="store_true", help="only rewrite the tables of README.md and bench/README.md "
+                   "from the JSONs")
     p.add_argument("--ckpt", default=str(Path.home() / ".cache/llama-edit-bench/smollm2"),
                    help="SmolLM2-135M-Instruct folder (converted from ../shared if absent)")
     p.add_argument("--sft", default=str(Path.home() / ".cache/llama-edit-bench/sft_zsre"),

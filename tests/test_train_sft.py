@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import data  # noqa: E402
+import harness  # noqa: E402
 import llama  # noqa: E402
 import train_sft as ts  # noqa: E402
 from data import EditRecord, Template  # noqa: E402
@@ -214,7 +215,7 @@ def test_both_no_argument_demos_run_end_to_end(tmp_path, monkeypatch, capsys):
     import scen
     monkeypatch.setenv("EDIT_DEMO_CACHE", str(tmp_path / "demo"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(nse, "CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(harness, "CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(ts, "DEMO_MODEL", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                num_attention_heads=4, num_key_value_heads=2))
     monkeypatch.setattr(ts, "DEMO_TRAIN", replace(ts.DEMO_TRAIN, epochs=2, warmup=2))
@@ -222,11 +223,104 @@ def test_both_no_argument_demos_run_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ts, "DEMO_MODEL_NSE", dict(ts.DEMO_MODEL, intermediate_size=96))
     monkeypatch.setattr(data, "demo_world", lambda seed, **kw: full_world(seed, n_people=8, n_countries=2, cities_per_country=2,
                                                                           n_orgs=2, n_edits=3, **kw))
-    monkeypatch.setattr(scen, "DEMO", ["--expert-steps", "5", "--neuron-steps", "50"])
-    figs = scen.main([])
+    monkeypatch.setattr(scen, "DEMO", replace(scen.DEMO, runs=[r + ["--expert-steps", "5", "--neuron-steps", "50"]
+                                                               for r in scen.DEMO.runs]))
+    figs = scen.main([]).sections
     assert set(figs) == {"unedited", "ft", "scen"}
     out = capsys.readouterr().out
     assert "Reliability (gen)" in out and "Locality (gen)" in out and "ft" in out and "scen" in out
     rep = nse.main([])
     assert {"unedited", "nse"} <= set(rep.sections) and "Efficacy" in rep.sections["nse"]
     assert "Specificity" in capsys.readouterr().out
+
+
+def _small_demo(monkeypatch, tmp_path):
+    """A small demo world and model (seconds to train), with the repository's demo/ moved into tmp_path."""
+    monkeypatch.setattr(ts, "DEMO_MODEL", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2))
+    monkeypatch.setattr(ts, "DEMO_MODEL_NSE", dict(ts.DEMO_MODEL, intermediate_size=96))
+    monkeypatch.setattr(ts, "DEMO_TRAIN", replace(ts.DEMO_TRAIN, epochs=1, warmup=2))
+    monkeypatch.setattr(ts, "DEMO_TRAIN_NSE", {"epochs": 2})
+    monkeypatch.setattr(ts, "answer_accuracy", lambda *a, **k: (0.0, []))   # keep the test short
+    full_world = data.demo_world
+    monkeypatch.setattr(data, "demo_world", lambda seed, **kw: full_world(
+        seed, n_people=6, n_countries=2, cities_per_country=2, n_orgs=2, n_edits=4, **kw))
+    monkeypatch.setattr(ts, "SHIPPED_DEMO_ROOT", tmp_path / "repo" / "demo")
+    return tmp_path / "repo" / "demo"
+
+
+def _no_training(monkeypatch):
+    monkeypatch.setattr(ts, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+
+
+def test_shipped_demo_is_used_without_training(tmp_path, monkeypatch, capsys):
+    shipped = _small_demo(monkeypatch, tmp_path)
+    ts.main(["--demo", "--rebuild-demo"])                     # both kinds, into the repository's demo/
+    assert "--rebuild-demo" in ts.__doc__
+    assert sorted(p.name for p in shipped.iterdir()) == ["nse", "qa"]  # no temporary folder left
+    for kind in ("qa", "nse"):
+        paths = ts.demo_paths(shipped / kind)
+        for f in ts.DEMO_CKPT_FILES:
+            assert (paths["ckpt"] / f).exists(), f
+        info = json.loads(paths["info"].read_text())
+        assert info["kind"] == kind and info["dtype"] == "bfloat16" and info["threads"] == 1
+        assert info["train_config"]["epochs"] == (2 if kind == "nse" else 1)    # DEMO_TRAIN_NSE
+        header, _ = llama.read_safetensors_header(paths["ckpt"] / "model.safetensors")
+        assert {h["dtype"] for h in header.values()} == {"BF16"}      # half the bytes of float32
+        model = llama.load_model(paths["ckpt"])                        # loads into float32 on a CPU
+        assert model.dtype == torch.float32
+    _no_training(monkeypatch)
+    cache = tmp_path / "cache"
+    for kind in ("qa", "nse"):
+        paths = ts.ensure_demo(cache, log=lambda s: None, kind=kind)
+        assert paths == ts.demo_paths(shipped / kind)
+    assert not cache.exists()                                  # nothing trained, nothing cached
+    assert ts.main(["--demo", "--cache-dir", str(cache)])["dir"] == shipped / "qa"
+    assert "(shipped)" in capsys.readouterr().out
+
+
+def test_stale_shipped_demo_is_trained_into_the_cache_not_the_repository(tmp_path, monkeypatch):
+    shipped = _small_demo(monkeypatch, tmp_path)
+    ts.rebuild_shipped_demo("qa", log=lambda s: None)
+    before = {p: p.read_bytes() for p in (shipped / "qa").rglob("*") if p.is_file()}
+    shipped_cfg = ts.DEMO_TRAIN
+    monkeypatch.setattr(ts, "DEMO_TRAIN", replace(shipped_cfg, lr=1e-3))    # another setting: another key
+    logs, cache = [], tmp_path / "cache"
+    paths = ts.ensure_demo(cache, log=logs.append)
+    assert paths["dir"].parent == cache and paths["dir"].name == f"demo-{json.loads(paths['info'].read_text())['key']}"
+    assert any("--rebuild-demo" in line for line in logs)      # says why it trains
+    assert {p: p.read_bytes() for p in (shipped / "qa").rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in shipped.iterdir()) == ["qa"]
+    # an incomplete shipped folder (a missing file) is not used either
+    monkeypatch.setattr(ts, "DEMO_TRAIN", shipped_cfg)
+    assert ts.ensure_demo(cache, log=lambda s: None) == ts.demo_paths(shipped / "qa")
+    (shipped / "qa" / "corpus.txt").unlink()
+    assert ts.ensure_demo(cache, log=lambda s: None)["dir"].parent == cache
+    # force trains into the cache even when the shipped demo is current
+    ts.rebuild_shipped_demo("qa", log=lambda s: None)
+    forced = ts.ensure_demo(cache, force=True, log=lambda s: None)
+    assert forced["dir"].parent == cache
+
+
+def test_demo_build_is_deterministic_at_one_thread(tmp_path, monkeypatch):
+    _small_demo(monkeypatch, tmp_path)
+    a = ts.ensure_demo(tmp_path / "a", log=lambda s: None, kind="nse")
+    b = ts.ensure_demo(tmp_path / "b", log=lambda s: None, kind="nse")
+    for f in ("ckpt/model.safetensors", "ckpt/tokenizer.model", "edits_cf.jsonl", "corpus.txt"):
+        assert (a["dir"] / f).read_bytes() == (b["dir"] / f).read_bytes(), f
+
+
+def test_repository_ships_current_demos(monkeypatch):
+    """demo/qa and demo/nse hold the demos of the current world and settings: `python scen.py` and
+    `python nse.py` use them as they are (else: python train_sft.py --demo --rebuild-demo)."""
+    _no_training(monkeypatch)
+    for kind in ts.DEMO_KINDS:
+        world, sizes = ts.demo_spec(kind)
+        key = ts._demo_key(world, sizes, ts.demo_train_config(kind))
+        assert ts.demo_is_current(ts.shipped_demo_dir(kind), key), (
+            f"demo/{kind} is stale: run python train_sft.py --demo --rebuild-demo")
+        assert ts.ensure_demo(log=lambda s: None, kind=kind)["dir"] == ts.shipped_demo_dir(kind)
+        info = json.loads((ts.shipped_demo_dir(kind) / "demo.json").read_text())
+        digest = __import__("hashlib").sha256((ts.shipped_demo_dir(kind) / "ckpt" / "model.safetensors")
+                                              .read_bytes()).hexdigest()
+        assert info["model_sha256"] == digest
