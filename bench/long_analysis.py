@@ -78,7 +78,7 @@ def run(a):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", required=True, choices=("nse", "memit", "alphaedit"), help="the long run to analyse")
+    p.add_argument("--method", required=True, choices=("nse", "memit", "memit-seq", "alphaedit"), help="the long run to analyse")
     p.add_argument("--n", type=int, default=1000, help="its number of edits")
     p.add_argument("--relation-n", type=int, default=200, help="relation specificity on the first this many edits")
     p.add_argument("--run-dir", help="its editor state (default /work/runs/long_<method>_n<n>)")
