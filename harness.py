@@ -855,88 +855,83 @@ def _edit_run(method, args, log):
             "n": len(records), "loc": digest([r.to_dict() for r in loc]) if loc else None, "template": tname,
             "system": args.system, "inputs": {k: _key(v) for k, v in inputs.items()}}
     old = _check_out(out, args.resume, info)
-    with run_lock(out):
-        return _edit_locked(method, args, log, out, cfg, settings, records, loc, inputs, task, template, tok,
-                            info, old, notes)
-
-
-def _edit_locked(method, args, log, out, cfg, settings, records, loc, inputs, task, template, tok, info, old, notes):
-    # 2. load, the editor (a resumed one from --out), the unedited figures
-    inform(f"loading {args.ckpt} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}) on {args.device}")
-    model = llama.load_model(args.ckpt, args.device, args.dtype)            # the tokenizer is loaded
-    rep = Report(f"{method.name} sequential editing, {len(records)} records of {Path(args.edits).name}",
-                 {**info, "device": args.device, "dtype": str(model.dtype), "threads": torch.get_num_threads(),
-                  "dropped_items": len(notes)})
-    if old is not None and method.saved(out):
-        ed = method.load(out, model, tok)
-        log(f"resuming after {ed.n_edits} of {len(records)} edits")
-    else:
-        ed = method(model, tok, settings, template=template, **inputs)
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        llama.write_json(out / "run.json", info if old is None else old)
-    rel = Snapshot(old["relation_snapshot"]) if old is not None and "relation_snapshot" in old else None
-    if rel is None and ed.n_edits == 0 and task == "counterfact" and all(r.subject for r in records):
-        inform(f"relation probes: other relations of the {len(records)} subjects, from the whole of {args.edits}")
-        bank = data.load_edits(args.edits, args.format, lenient=True, notes=[])   # the whole file, for probes only
-        probes = data.relation_probes(records, bank)
-        if any(probes):                                  # the unedited model's answers, before any edit
-            with progress_of(f"relation snapshot: the unedited model answers {sum(map(len, probes))} probes"):
-                rel = relation_snapshot(ed.eval_model(), tok, records, probes, batch_size=args.eval_batch_size)
-            if out:
-                llama.write_json(out / "run.json", {**(old or info), "relation_snapshot": dict(rel)})
-    if rel is not None:
-        info = {**info, "relation_snapshot": dict(rel)}
-
-    def evaluate(em):
-        figs = evaluate_task(task, em, tok, template, records, loc, fluency=not args.no_fluency,
-                             batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens)
-        if rel is not None:
-            figs.update(evaluate_relation_specificity(em, tok, records, rel, batch_size=args.eval_batch_size))
-        return figs
-    if old is not None and "unedited" in old:
-        rep.add("unedited", old["unedited"])
-    elif not args.no_baseline:
-        with rep.timer("eval unedited"), progress_of(f"evaluating the unedited model on {len(records)} records ({task})"):
-            rep.add("unedited", evaluate(ed.eval_model()))
+    with run_lock(out):                               # one run per folder, from here to the end
+        # 2. load, the editor (a resumed one from --out), the unedited figures
+        inform(f"loading {args.ckpt} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}) on {args.device}")
+        model = llama.load_model(args.ckpt, args.device, args.dtype)            # the tokenizer is loaded
+        rep = Report(f"{method.name} sequential editing, {len(records)} records of {Path(args.edits).name}",
+                     {**info, "device": args.device, "dtype": str(model.dtype), "threads": torch.get_num_threads(),
+                      "dropped_items": len(notes)})
+        if old is not None and method.saved(out):
+            ed = method.load(out, model, tok)
+            log(f"resuming after {ed.n_edits} of {len(records)} edits")
+        else:
+            ed = method(model, tok, settings, template=template, **inputs)
         if out:
-            llama.write_json(out / "run.json", {**info, "unedited": rep.sections["unedited"]})
-        log(side_by_side({"unedited": rep.sections["unedited"]}))
-    # 3. sequential edits, saved after every log row
-    done0, rows0 = ed.n_edits, len(ed.log)
-    with rep.timer("editing"):
-        for i in range(done0, len(records), ed.unit):
-            rows = ed.edit(records[i:i + ed.unit])
+            out.mkdir(parents=True, exist_ok=True)
+            llama.write_json(out / "run.json", info if old is None else old)
+        rel = Snapshot(old["relation_snapshot"]) if old is not None and "relation_snapshot" in old else None
+        if rel is None and ed.n_edits == 0 and task == "counterfact" and all(r.subject for r in records):
+            inform(f"relation probes: other relations of the {len(records)} subjects, from the whole of {args.edits}")
+            bank = data.load_edits(args.edits, args.format, lenient=True, notes=[])   # the whole file, for probes only
+            probes = data.relation_probes(records, bank)
+            if any(probes):                                  # the unedited model's answers, before any edit
+                with progress_of(f"relation snapshot: the unedited model answers {sum(map(len, probes))} probes"):
+                    rel = relation_snapshot(ed.eval_model(), tok, records, probes, batch_size=args.eval_batch_size)
+                if out:
+                    llama.write_json(out / "run.json", {**(old or info), "relation_snapshot": dict(rel)})
+        if rel is not None:
+            info = {**info, "relation_snapshot": dict(rel)}
+
+        def evaluate(em):
+            figs = evaluate_task(task, em, tok, template, records, loc, fluency=not args.no_fluency,
+                                 batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens)
+            if rel is not None:
+                figs.update(evaluate_relation_specificity(em, tok, records, rel, batch_size=args.eval_batch_size))
+            return figs
+        if old is not None and "unedited" in old:
+            rep.add("unedited", old["unedited"])
+        elif not args.no_baseline:
+            with rep.timer("eval unedited"), progress_of(f"evaluating the unedited model on {len(records)} records ({task})"):
+                rep.add("unedited", evaluate(ed.eval_model()))
             if out:
-                ed.save(out)
-            spent = sum(r["seconds"] for r in ed.log[rows0:])
-            log(progress(ed.n_edits, len(records), spent, done0, rows[-1]))
-            if len(ed.log) == rows0 + 1 and ed.n_edits < len(records):      # the cost line, once measured
-                per = spent / max(ed.n_edits - done0, 1)
-                inform(f"{len(records) - done0} edits at ~{per:.1f} s each is about {hms(per * (len(records) - done0))} "
-                       f"on this machine" + ("; on a GPU use --device cuda" if args.device == "cpu" else ""))
-    if out and ed.exports:
-        inform(f"export: the edited model to {out / 'model'}")
-        with rep.timer("export"):
-            dtype = ed.export(out / "model", tokenizer_dir=args.ckpt, dtype=args.export_dtype)
-        rep.notes.append(f"{out / 'model'}: the edited model, weights in {dtype}; the edited figures are "
-                         f"this checkpoint's (the model in memory was rounded to {dtype} before evaluation)")
-    # 4. the edited figures
-    name = getattr(ed.s, "method", method.name)                  # scen / ft, nse / memit
-    with rep.timer("eval edited"):
-        rep.add(name, evaluate(ed.eval_model()))
-    secs = [r["seconds"] for r in ed.log]
-    per = [r["seconds"] / r.get("n", 1) for r in ed.log]
-    rep.add(name, {
-        "s/edit (mean)": metric(sum(secs) / max(ed.n_edits, 1), "wall seconds per edit", ed.n_edits),
-        "s/edit first": metric(per[0], "wall seconds per edit, first log row", 1),
-        "s/edit last": metric(per[-1], "wall seconds per edit, last log row", 1)})
-    rep.args["settings_used"] = asdict(ed.s)
-    rep.notes += ed.report_notes()
-    if out:
-        rep.write(out)
-    log(side_by_side(rep.sections))
-    return rep
+                llama.write_json(out / "run.json", {**info, "unedited": rep.sections["unedited"]})
+            log(side_by_side({"unedited": rep.sections["unedited"]}))
+        # 3. sequential edits, saved after every log row
+        done0, rows0 = ed.n_edits, len(ed.log)
+        with rep.timer("editing"):
+            for i in range(done0, len(records), ed.unit):
+                rows = ed.edit(records[i:i + ed.unit])
+                if out:
+                    ed.save(out)
+                spent = sum(r["seconds"] for r in ed.log[rows0:])
+                log(progress(ed.n_edits, len(records), spent, done0, rows[-1]))
+                if len(ed.log) == rows0 + 1 and ed.n_edits < len(records):      # the cost line, once measured
+                    per = spent / max(ed.n_edits - done0, 1)
+                    inform(f"{len(records) - done0} edits at ~{per:.1f} s each is about {hms(per * (len(records) - done0))} "
+                           f"on this machine" + ("; on a GPU use --device cuda" if args.device == "cpu" else ""))
+        if out and ed.exports:
+            inform(f"export: the edited model to {out / 'model'}")
+            with rep.timer("export"):
+                dtype = ed.export(out / "model", tokenizer_dir=args.ckpt, dtype=args.export_dtype)
+            rep.notes.append(f"{out / 'model'}: the edited model, weights in {dtype}; the edited figures are "
+                             f"this checkpoint's (the model in memory was rounded to {dtype} before evaluation)")
+        # 4. the edited figures
+        name = getattr(ed.s, "method", method.name)                  # scen / ft, nse / memit
+        with rep.timer("eval edited"):
+            rep.add(name, evaluate(ed.eval_model()))
+        secs = [r["seconds"] for r in ed.log]
+        per = [r["seconds"] / r.get("n", 1) for r in ed.log]
+        rep.add(name, {
+            "s/edit (mean)": metric(sum(secs) / max(ed.n_edits, 1), "wall seconds per edit", ed.n_edits),
+            "s/edit first": metric(per[0], "wall seconds per edit, first log row", 1),
+            "s/edit last": metric(per[-1], "wall seconds per edit, last log row", 1)})
+        rep.args["settings_used"] = asdict(ed.s)
+        rep.notes += ed.report_notes()
+        if out:
+            rep.write(out)
+        log(side_by_side(rep.sections))
+        return rep
 
 
 def _check_out(out, resume: bool, info: dict):
