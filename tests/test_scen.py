@@ -7,7 +7,7 @@ import torch
 import harness
 import llama
 import scen
-from conftest import tiny_checkpoint, tiny_model
+from conftest import assert_same_greedy, tiny_checkpoint, tiny_model
 
 # The tiny model's single down projection needs a larger step than a real model's.
 TINY = dict(layer=1, expert_lr=3e-2, expert_steps=150, expert_nll=0.5)
@@ -78,8 +78,11 @@ def test_edits_route_to_their_own_expert_in_a_batch(expert):
     outs = ed.generate_ids(prompts, 6, eos_ids=[2])
     assert ed.router.choice.tolist() == [2, -1, 0, 3]
     assert outs[0] == EDITS[2][0][5:-1] and outs[2] == EDITS[0][0][5:-1] and outs[3] == EDITS[3][0][5:-1]
-    for p, o in zip(prompts, outs):                                       # batch == one by one
-        assert ed.generate_ids([p], 6, eos_ids=[2])[0] == o
+    for p, o in zip(prompts, outs):                                       # batch == one by one (up to a near tie)
+        def routed(x, p=p):                                               # routed at the prompt's end, as generation is
+            ed.prepare(x, None, torch.tensor([len(p) - 1]))
+            return ed.model(x)
+        assert_same_greedy(routed, p, ed.generate_ids([p], 6, eos_ids=[2])[0], o)
 
 
 @pytest.mark.parametrize("expert", ["full", "lowrank"])
